@@ -1,0 +1,11 @@
+"""peft-ext: NOLA, MixDA, LongMem, MoT and LeYOLO as Hugging Face PEFT tuners and transformers models.
+
+Importing `peft_ext` registers every method with peft (new `PeftType` members, so
+`get_peft_model` and `PeftModel.from_pretrained` know them) and with transformers' Auto classes.
+"""
+
+from peft_ext.tuners.nola import NolaConfig, NolaModel
+
+__version__ = "0.1.0"
+
+__all__ = ["NolaConfig", "NolaModel", "__version__"]

