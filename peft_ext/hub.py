@@ -9,10 +9,12 @@ and `push_to_hub` of every method write the card beside the weights.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from peft_ext.serialization import atomic_write_text
 
@@ -84,6 +86,22 @@ def render_model_card(
 
 def save_model_card(card: ModelCard, output_dir: str | os.PathLike) -> None:
     atomic_write_text(os.path.join(output_dir, "README.md"), str(card))
+
+
+def push_folder_to_hub(save_to: Callable[[str], None], repo_id: str, *, private: bool | None = None,
+                       token: str | None = None, commit_message: str | None = None, revision: str | None = None,
+                       create_pr: bool = False, **_ignored):
+    """Create `repo_id` if needed, call `save_to(tmp_dir)` and upload that folder as one commit.
+
+    transformers' `push_to_hub` replaces the README.md that `save_pretrained` wrote with the remote or a
+    generic card; uploading the saved folder as it is keeps our card.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        save_to(tmp_dir)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp_dir, commit_message=commit_message or "Upload with peft-ext",
+                                 revision=revision, create_pr=create_pr)
 
 
 def write_peft_model_card(peft_model, output_dir: str, template: str) -> None:

@@ -10,8 +10,9 @@ This is the one place where peft-ext touches the two libraries' registries:
   a built-in member; `register_peft_tuner` then calls peft's `register_peft_method`.
 * transformers Auto classes (`AutoConfig`, `AutoModel*`, `AutoImageProcessor`) for our
   architectures, through their public `register` methods.
-* Model cards: `PeftModel.save_pretrained` writes peft's generic card; for an adapter of one of
-  our tuner types, the card is rendered from our template instead (see `peft_ext.hub`).
+* Model cards: `PeftModel.save_pretrained` writes peft's generic card and `push_to_hub` a generic
+  transformers one; for an adapter of one of our tuner types, both write the card rendered from our
+  template instead (see `peft_ext.hub`).
 
 Every function is idempotent (importing `peft_ext` twice, or reloading a module, is a no-op)
 and raises when a *different* method already holds the name.
@@ -20,7 +21,6 @@ and raises when a *different* method already holds the name.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 
 from peft.utils import PeftType, register_peft_method
 
@@ -101,7 +101,7 @@ def register_peft_tuner(
             )
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     PEFT_TYPE_TO_CARD[peft_type.value] = card_template
-    _install_card_hook()
+    _install_peft_card_hooks()
     return peft_type
 
 
@@ -141,23 +141,43 @@ def register_auto_classes(
         )
 
 
-def _install_card_hook() -> None:
-    """Make `PeftModel.save_pretrained` (and so `push_to_hub`) write our card for our tuners."""
+def _our_card_template(peft_model) -> str | None:
+    for config in peft_model.peft_config.values():
+        peft_type = config.peft_type.value if isinstance(config.peft_type, enum.Enum) else config.peft_type
+        if peft_type in PEFT_TYPE_TO_CARD:
+            return PEFT_TYPE_TO_CARD[peft_type]
+    return None
+
+
+def _install_peft_card_hooks() -> None:
+    """Make `PeftModel.save_pretrained` and `push_to_hub` write our card for our tuner types.
+
+    `save_pretrained` asks `create_or_update_model_card` for the card; transformers' `push_to_hub`
+    (which PeftModel inherits) then overwrites it with the remote or a generic card, so for our tuners
+    the saved folder is uploaded as it is. Other tuner types keep peft's behaviour.
+    """
     from peft import PeftModel
 
-    original: Callable = PeftModel.create_or_update_model_card
-    if getattr(original, "_peft_ext_hook", False):
+    if getattr(PeftModel.create_or_update_model_card, "_peft_ext_hook", False):
         return
+    original_card = PeftModel.create_or_update_model_card
+    original_push = PeftModel.push_to_hub
 
     def create_or_update_model_card(self, output_dir: str):
         from peft_ext.hub import write_peft_model_card
 
-        peft_types = {cfg.peft_type.value if isinstance(cfg.peft_type, enum.Enum) else cfg.peft_type
-                      for cfg in self.peft_config.values()}
-        ours = [PEFT_TYPE_TO_CARD[t] for t in sorted(peft_types) if t in PEFT_TYPE_TO_CARD]
-        if not ours:
-            return original(self, output_dir)
-        return write_peft_model_card(self, output_dir, ours[0])
+        template = _our_card_template(self)
+        if template is None:
+            return original_card(self, output_dir)
+        return write_peft_model_card(self, output_dir, template)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        from peft_ext.hub import push_folder_to_hub
+
+        if _our_card_template(self) is None or args:
+            return original_push(self, repo_id, *args, **kwargs)
+        return push_folder_to_hub(self.save_pretrained, repo_id, **kwargs)
 
     create_or_update_model_card._peft_ext_hook = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.push_to_hub = push_to_hub
