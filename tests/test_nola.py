@@ -34,13 +34,13 @@ def reference_uniform(basis_seed, module_name, factor, shape, num_basis, low=-1.
     return torch.cat(groups)
 
 
-def reference_delta(layer, module_name, cfg, adapter="default"):
-    """(α/r) · B A in float64, from explicitly built bases."""
+def reference_delta(layer, module_name, cfg, adapter="default", a0_bound=None):
+    """(α/r) · B A in float64, from explicitly built bases; A0 ~ U(-1/√in, 1/√in) unless `a0_bound` is given."""
     r, k, l = cfg.r, cfg.num_basis_A, cfg.num_basis_B
     in_f, out_f = layer.in_features, layer.out_features
     bases_A = reference_uniform(cfg.basis_seed, module_name, "A", (r, in_f), k).double()
     bases_B = reference_uniform(cfg.basis_seed, module_name, "B", (out_f, r), l).double()
-    bound = 1 / math.sqrt(in_f)
+    bound = a0_bound if a0_bound is not None else 1 / math.sqrt(in_f)
     A0 = reference_uniform(cfg.basis_seed, module_name, "A0", (r, in_f), 1, -bound, bound)[0].double()
     a = layer.nola_coef_A[adapter].detach().double()
     b = layer.nola_coef_B[adapter].detach().double()
@@ -82,7 +82,7 @@ def test_embedding_and_conv1d_match_reference():
     model = get_peft_model(MLP(), cfg)
     layer = model.base_model.model.emb
     ids = torch.tensor([[1, 4, 49, 0]])
-    delta = reference_delta(layer, "emb", cfg).T  # (num_embeddings, dim)
+    delta = reference_delta(layer, "emb", cfg, a0_bound=math.sqrt(3)).T  # (num_embeddings, dim)
     torch.testing.assert_close(layer(ids).double(), (layer.base_layer.weight.double() + delta)[ids], atol=1e-5, rtol=1e-5)
 
     gpt = get_peft_model(tiny_gpt2(), NolaConfig(r=2, num_basis_A=30, num_basis_B=30, target_modules=["c_attn"],
@@ -156,6 +156,24 @@ def test_cached_and_chunked_agree_in_outputs_and_gradients(input_ids):
     for (name, p), (_, q) in zip(cached.named_parameters(), chunked.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_seeded_buffers_stay_float32_through_dtype_casts(input_ids):
+    model = get_peft_model(tiny_llama(), NolaConfig(r=2, num_basis_A=20, num_basis_B=20, init_weights=False))
+    expected = model(input_ids).logits
+    model = model.to(torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.nola_basis_A["default"].dtype == layer.nola_A0["default"].dtype == torch.float32
+    torch.testing.assert_close(model(input_ids).logits.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_low_cpu_mem_usage_loading(tmp_path, input_ids):
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), NolaConfig(r=2, num_basis_A=20, num_basis_B=20, init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
 
 
 def test_auto_mode_picks_by_size():

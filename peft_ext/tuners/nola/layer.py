@@ -3,10 +3,10 @@
 For an adapted weight W (out × in) the layer computes, following the paper's Eq. (2)-(3),
 
     y = W x + (α / r) · B A dropout(x)
-    A = A0 + Σ_{i<k} a_i A_i / √k        A_i ~ U(-1, 1)^{r × in},  A0 Kaiming-uniform (bound 1/√in)
+    A = A0 + Σ_{i<k} a_i A_i / √k        A_i ~ U(-1, 1)^{r × in},  A0 ~ U(-1/√in, 1/√in) (LoRA's Kaiming init)
     B =      Σ_{j<l} b_j B_j / √l        B_j ~ U(-1, 1)^{out × r}
 
-Only a (k numbers) and b (l numbers) train. Every frozen tensor (A_i, B_j, A0) is a pure function of
+(for embeddings A0 ~ U(-√3, √3), see `Embedding`). Only a (k numbers) and b (l numbers) train. Every frozen tensor (A_i, B_j, A0) is a pure function of
 (basis_seed, module name, factor, shape): it is drawn in groups of `BASIS_GROUP_SIZE` bases, each
 group from its own `torch.Generator` on the CPU seeded with a hash of those values. So the bases
 are bit-identical on every device and process, can be regenerated one group at a time, and
@@ -72,9 +72,8 @@ class BasisSpec:
     def full(self) -> torch.Tensor:
         return torch.cat([self.group(i) for i in range(len(self.group_bounds()))])
 
-    def kaiming_matrix(self) -> torch.Tensor:
-        """A0: what `nn.init.kaiming_uniform_(a=√5)` gives LoRA's A, bound 1/√fan_in, from this spec's seed."""
-        bound = 1.0 / math.sqrt(self.shape[1])
+    def uniform_matrix(self, bound: float) -> torch.Tensor:
+        """One U(-bound, bound) matrix of `shape` from this spec's seed (used for A0)."""
         out = torch.empty(self.shape, dtype=torch.float32)
         return out.uniform_(-bound, bound, generator=self._generator(0))
 
@@ -114,6 +113,20 @@ def combine_bases(coefficients: torch.Tensor, spec: BasisSpec, cached_basis: tor
     return torch.tensordot(coefficients.float(), cached_basis, dims=1) / math.sqrt(spec.num_basis)
 
 
+class SeededBufferDict(BufferDict):
+    """Non-persistent buffers for seed-defined tensors: they follow device moves but keep float32 through
+    `model.half()` / `model.to(torch.bfloat16)`, since they define the method, not its precision."""
+
+    def __init__(self):
+        super().__init__({}, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        for key, buffer in self._buffers.items():
+            moved = fn(buffer)
+            self._buffers[key] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
+
 class NolaLayer(BaseTunerLayer):
     adapter_layer_names = ("nola_coef_A", "nola_coef_B")
     other_param_names = ("r", "scaling", "nola_dropout", "basis_specs", "nola_A0", "nola_basis_A", "nola_basis_B")
@@ -131,9 +144,9 @@ class NolaLayer(BaseTunerLayer):
         self.nola_dropout = nn.ModuleDict({})
         self.nola_coef_A = nn.ParameterDict({})
         self.nola_coef_B = nn.ParameterDict({})
-        self.nola_A0 = BufferDict({}, persistent=False)
-        self.nola_basis_A = BufferDict({}, persistent=False)
-        self.nola_basis_B = BufferDict({}, persistent=False)
+        self.nola_A0 = SeededBufferDict()
+        self.nola_basis_A = SeededBufferDict()
+        self.nola_basis_B = SeededBufferDict()
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -155,7 +168,8 @@ class NolaLayer(BaseTunerLayer):
         self.nola_dropout[adapter_name] = nn.Dropout(config.nola_dropout) if config.nola_dropout > 0 else nn.Identity()
         self.nola_coef_A[adapter_name] = nn.Parameter(torch.zeros(k))
         self.nola_coef_B[adapter_name] = nn.Parameter(torch.zeros(l))
-        self.nola_A0[adapter_name] = BasisSpec(config.basis_seed, module_name, "A0", (r, self.in_features), 1).kaiming_matrix()
+        a0_spec = BasisSpec(config.basis_seed, module_name, "A0", (r, self.in_features), 1)
+        self.nola_A0[adapter_name] = a0_spec.uniform_matrix(self.a0_bound)
 
         basis_mib = 4 * (spec_A.num_elements + spec_B.num_elements) / 2**20
         cache = config.basis_mode == "cached" or (config.basis_mode == "auto" and basis_mib <= config.max_cached_basis_mib)
@@ -173,13 +187,15 @@ class NolaLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        # The base class would also cast the seeded buffers to a half-precision base dtype; keep them float32.
-        seeded = {name: getattr(self, name)[adapter_name] for name in self._seeded_buffer_names
+        # The base class would cast the seeded buffers to a half-precision base dtype, and move them to the
+        # meta device under low_cpu_mem_usage loading (where nothing would refill them): handle them here.
+        seeded = {name: getattr(self, name).pop(adapter_name) for name in self._seeded_buffer_names
                   if adapter_name in getattr(self, name)}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        target = self.nola_coef_A[adapter_name].device if adapter_name in self.nola_coef_A else device
+        if device is None:
+            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
         for name, tensor in seeded.items():
-            getattr(self, name)[adapter_name] = tensor.to(target)
+            getattr(self, name)[adapter_name] = tensor if device is None or device.type == "meta" else tensor.to(device)
 
     def nola_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 LoRA factors (A: r × in, B: out × r) of an adapter, differentiable in a and b."""
@@ -232,6 +248,11 @@ class NolaLayer(BaseTunerLayer):
 class Linear(nn.Module, NolaLayer):
     """NOLA on `nn.Linear`, GPT-2's `Conv1D` (fan_in_fan_out) and bitsandbytes 8/4-bit linear layers."""
 
+    @property
+    def a0_bound(self) -> float:
+        # what nn.init.kaiming_uniform_(a=√5) gives LoRA's A: bound 1/√fan_in
+        return 1.0 / math.sqrt(self.in_features)
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, module_name: str,
                  is_target_conv_1d_layer: bool = False, **kwargs) -> None:
         super().__init__()
@@ -273,8 +294,12 @@ class Linear(nn.Module, NolaLayer):
 class Embedding(nn.Module, NolaLayer):
     """NOLA on `nn.Embedding`: ΔW (num_embeddings × dim) = (α/r) · (B A)ᵀ, A: r × num_embeddings, B: dim × r.
 
-    As for LoRA embeddings, `nola_dropout` does not apply: the input is token ids.
+    As for LoRA embeddings, `nola_dropout` does not apply: the input is token ids. A lookup reads one column
+    of A rather than a weighted sum of in_features of them, so A0 has unit variance (U(-√3, √3)), the scale
+    of LoRA's random embedding factor, instead of the 1/√fan_in bound of linear layers.
     """
+
+    a0_bound = math.sqrt(3.0)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, module_name: str, **kwargs) -> None:
         super().__init__()
