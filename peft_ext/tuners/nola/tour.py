@@ -19,6 +19,9 @@ def run_stage(out_dir: Path, make_progress):
     import matplotlib.pyplot as plt
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
 
     from peft_ext import NolaConfig
     from peft_ext.tour import StageResult
@@ -42,7 +45,10 @@ def run_stage(out_dir: Path, make_progress):
                         target_modules=["query", "value"], modules_to_save=["classifier"])
     model = get_peft_model(load_base(), config)
     trainable, _ = model.get_nb_trainable_parameters()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # the new head needs a gentler step than the coefficients
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    coefficients = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+    optimizer = torch.optim.AdamW([{"params": head, "lr": 2e-3}, {"params": coefficients, "lr": 1e-2}])
 
     @torch.no_grad()
     def evaluate(m):
@@ -51,7 +57,7 @@ def run_stage(out_dir: Path, make_progress):
         return out.loss.item(), (out.logits.argmax(-1) == torch.tensor([y for _, y in test])).float().mean().item()
 
     loss_before, acc_before = evaluate(model)
-    epochs, batch_size = 3, 16
+    epochs, batch_size = 5, 16
     progress = make_progress(epochs * len(train) // batch_size)
     losses = []
     for epoch in range(epochs):
