@@ -1,0 +1,214 @@
+"""Mixture-of-Transformers vs the dense model of the same active size, side by side in one run, on CPU.
+
+Part 1, speed: train-step time (forward + backward + AdamW step, and forward + backward alone: the
+optimizer step grows with MoT's K× parameters), median of --steps after one warm-up, of
+MoT with 2 and 3 modalities as a ratio to the dense Llama of the same shape (hidden 512, seq 1024), steps
+interleaved so machine drift hits every model alike; and, for contrast, a naive MoT that runs every tower on
+every token and keeps each token's own result.
+
+Part 2, quality: dense and MoT (2 modalities: text bytes and 8×8 digit images, `peft_ext.models.mot.corpus`)
+trained on the same data, in the same order, for the same steps, at the same active size; per-modality
+validation loss curves (PNG), and the fraction of dense's steps at which MoT first reaches dense's final
+validation loss, per modality (the paper's anchor: 55.8% at 7B, Chameleon setting).
+
+    python benchmarks/mot.py                 # both parts
+    python benchmarks/mot.py --part speed    # or --part quality [--quality-steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_ext
+from peft_ext.models.mot import modeling_mot
+from peft_ext.models.mot.corpus import InterleavedCorpus, build_interleaved_corpus
+
+
+class NaiveAllTowersRouter(modeling_mot.ModalityRouter):
+    """The contrast: every tower computes on every token, then each token keeps its own tower's output."""
+
+    def __init__(self, modality_ids, num_modalities):
+        super().__init__(modality_ids, num_modalities)
+        flat = modality_ids.reshape(-1)
+        self.masks = [(flat == m).unsqueeze(-1) for m in range(num_modalities)]
+
+    def dispatch(self, x):
+        flat = x.reshape(self.num_tokens, *x.shape[len(self.batch_shape):])
+        return [flat for _ in range(self.num_modalities)]
+
+    def combine(self, blocks):
+        out = torch.zeros_like(blocks[0])
+        for mask, block in zip(self.masks, blocks):
+            out = torch.where(mask.reshape(-1, *[1] * (block.dim() - 1)), block, out)
+        return out.reshape(*self.batch_shape, *out.shape[1:])
+
+
+def shape_kwargs(hidden: int, layers: int) -> dict:
+    return {"hidden_size": hidden, "intermediate_size": int(hidden * 8 / 3) // 64 * 64, "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "max_position_embeddings": 4096}
+
+
+def interleaved_modalities(batch: int, seq: int, num_modalities: int, generator: torch.Generator) -> torch.Tensor:
+    """Spans like real interleaved data: text runs of 32-160 tokens, then a 66-token span of another modality."""
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        pos = 0
+        while pos < seq:
+            pos += int(torch.randint(32, 160, (1,), generator=generator))
+            other = int(torch.randint(1, num_modalities, (1,), generator=generator)) if num_modalities > 1 else 0
+            ids[row, pos:pos + 66] = other
+            pos += 66
+    return ids
+
+
+def run_speed(args) -> None:
+    vocab = 1024
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    dense_cfg = LlamaConfig(vocab_size=vocab, **shape_kwargs(args.hidden, args.layers))
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(dense_cfg)
+    models = {"dense": (dense, None, modeling_mot.ModalityRouter)}
+    for k in (2, 3):
+        mot = peft_ext.MoTForCausalLM.from_dense(dense, num_modalities=k)
+        modality_ids = interleaved_modalities(args.batch, args.seq, k, gen)
+        models[f"MoT K={k}"] = (mot, modality_ids, modeling_mot.ModalityRouter)
+        models[f"naive all-towers K={k}"] = (mot, modality_ids, NaiveAllTowersRouter)
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, (model, _, _) in models.items()}
+    times = {name: [] for name in models}
+    fwd_bwd = {name: [] for name in models}
+    for step in range(args.steps + 1):
+        for name, (model, modality_ids, router) in models.items():
+            modeling_mot.ModalityRouter = router  # MoTModel.forward builds its router from this name
+            extra = {} if modality_ids is None else {"modality_ids": modality_ids}
+            start = time.perf_counter()
+            model(input_ids=input_ids, labels=input_ids, **extra).loss.backward()
+            backward_done = time.perf_counter()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if step:
+                times[name].append(time.perf_counter() - start)
+                fwd_bwd[name].append(backward_done - start)
+    modeling_mot.ModalityRouter = models["dense"][2]
+    dense_s = statistics.median(times["dense"])
+    dense_fb = statistics.median(fwd_bwd["dense"])
+    print(f"\n## Speed: hidden {args.hidden}, {args.layers} layers, batch {args.batch} × seq {args.seq}, CPU, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} train steps\n")
+    print("| model | non-embedding params | step s | step / dense | forward+backward / dense |")
+    print("|---|---|---|---|---|")
+    for name, (model, _, _) in models.items():
+        params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+        s = statistics.median(times[name])
+        fb = statistics.median(fwd_bwd[name])
+        print(f"| {name} | {params / 1e6:.1f}M | {s:.2f} | {s / dense_s:.3f} | {fb / dense_fb:.3f} |")
+
+
+def evaluate(model, data: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-modality validation loss (text, image), token-weighted over the whole validation set."""
+    model.eval()
+    totals, counts = torch.zeros(2), torch.zeros(2)
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            ids = data[i:i + batch]
+            logits = model(input_ids=ids).logits[:, :-1]
+            targets = ids[:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="none")
+            is_image = (targets.reshape(-1) >= 260).long()
+            totals.index_add_(0, is_image, losses)
+            counts.index_add_(0, is_image, torch.ones_like(losses))
+    model.train()
+    return totals / counts
+
+
+def run_quality(args) -> None:
+    corpus = build_interleaved_corpus(seq_len=args.quality_seq)
+    shape = shape_kwargs(args.quality_hidden, args.quality_layers)
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**shape, **InterleavedCorpus.config_kwargs()))
+    torch.manual_seed(0)
+    mot = peft_ext.MoTForCausalLM(peft_ext.MoTConfig(**shape, **InterleavedCorpus.config_kwargs(),
+                                                     **InterleavedCorpus.mot_kwargs()))
+    validation = corpus.validation[: args.quality_eval_blocks]
+    order = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(0))
+    curves = {"dense": [], "MoT": []}
+    for name, model in (("dense", dense), ("MoT", mot)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.quality_lr, weight_decay=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+        start = time.perf_counter()
+        for step in range(1, args.quality_steps + 1):
+            index = order[(step - 1) * args.quality_batch % len(order):][: args.quality_batch]
+            ids = corpus.train[index]
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % args.quality_eval_every == 0:
+                curves[name].append((step, evaluate(model, validation, args.quality_batch)))
+        print(f"  trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
+
+    print(f"\n## Quality: dense vs MoT, hidden {args.quality_hidden}, {args.quality_layers} layers, seq "
+          f"{args.quality_seq}, batch {args.quality_batch}, {args.quality_steps} steps, same data and order\n")
+    print("| modality | dense final val loss | MoT final val loss | MoT reaches dense's final loss at | share of dense's steps |")
+    print("|---|---|---|---|---|")
+    for m, modality in enumerate(["text", "image"]):
+        dense_final = curves["dense"][-1][1][m].item()
+        reached = next((step for step, losses in curves["MoT"] if losses[m].item() <= dense_final), None)
+        share = f"{reached / args.quality_steps:.1%}" if reached else "not reached"
+        print(f"| {modality} | {dense_final:.4f} | {curves['MoT'][-1][1][m].item():.4f} | "
+              f"{reached if reached else '-'} | {share} |")
+    plot_curves(curves, Path(args.plot))
+    print(f"\nper-modality validation curves: {args.plot}")
+
+
+def plot_curves(curves, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for m, (ax, modality) in enumerate(zip(axes, ["text", "image"])):
+        for name, style in (("dense", "--"), ("MoT", "-")):
+            ax.plot([s for s, _ in curves[name]], [losses[m].item() for _, losses in curves[name]], style, label=name)
+        ax.set(title=f"{modality} validation loss", xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["speed", "quality", "all"], default="all")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quality-hidden", type=int, default=128)
+    parser.add_argument("--quality-layers", type=int, default=4)
+    parser.add_argument("--quality-seq", type=int, default=256)
+    parser.add_argument("--quality-batch", type=int, default=16)
+    parser.add_argument("--quality-steps", type=int, default=600)
+    parser.add_argument("--quality-eval-every", type=int, default=50)
+    parser.add_argument("--quality-eval-blocks", type=int, default=128)
+    parser.add_argument("--quality-lr", type=float, default=3e-3)
+    parser.add_argument("--plot", default="benchmarks/mot_quality.png")
+    args = parser.parse_args()
+    if args.part in ("speed", "all"):
+        run_speed(args)
+    if args.part in ("quality", "all"):
+        run_quality(args)
+
+
+if __name__ == "__main__":
+    main()
