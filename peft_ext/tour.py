@@ -21,6 +21,7 @@ from peft_ext.serialization import atomic_write_text
 # name -> "module:function"; the function takes (out_dir, progress) and returns a StageResult.
 STAGES: dict[str, str] = {
     "nola": "peft_ext.tuners.nola.tour:run_stage",
+    "mot": "peft_ext.models.mot.tour:run_stage",
 }
 
 
@@ -68,7 +69,7 @@ def run_tour(out_dir: str | Path, only: list[str] | None = None) -> Path:
         result: StageResult = _load_stage(name)(stage_dir, lambda total, name=name: StageProgress(name, total))
         seconds = time.perf_counter() - start
         lines = [f"## {result.title}\n", result.summary, "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_format(value)} |" for key, value in result.metrics.items()]
+        lines += [f"| {_cell(key)} | {_cell(_format(value))} |" for key, value in result.metrics.items()]
         lines.append(f"| stage time (s) | {seconds:.1f} |")
         lines += [f"\n![{fig}]({name}/{fig})" for fig in result.figures]
         sections.append("\n".join(lines) + "\n")
@@ -78,3 +79,8 @@ def run_tour(out_dir: str | Path, only: list[str] | None = None) -> Path:
 
 def _format(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a `|` (as in "max |Δlogits|") would end the cell, so it is escaped."""
+    return text.replace("|", "\\|")
