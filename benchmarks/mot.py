@@ -27,7 +27,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ext
 from peft_ext.models.mot import modeling_mot
-from peft_ext.models.mot.corpus import InterleavedCorpus, build_interleaved_corpus
+from peft_ext.models.mot.corpus import (
+    InterleavedCorpus,
+    build_interleaved_corpus,
+    validation_loss_by_modality,
+)
 
 
 class NaiveAllTowersRouter(modeling_mot.ModalityRouter):
@@ -109,24 +113,6 @@ def run_speed(args) -> None:
         print(f"| {name} | {params / 1e6:.1f}M | {s:.2f} | {s / dense_s:.3f} | {fb / dense_fb:.3f} |")
 
 
-def evaluate(model, data: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-modality validation loss (text, image), token-weighted over the whole validation set."""
-    model.eval()
-    totals, counts = torch.zeros(2), torch.zeros(2)
-    with torch.no_grad():
-        for i in range(0, len(data), batch):
-            ids = data[i:i + batch]
-            logits = model(input_ids=ids).logits[:, :-1]
-            targets = ids[:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                       reduction="none")
-            is_image = (targets.reshape(-1) >= 260).long()
-            totals.index_add_(0, is_image, losses)
-            counts.index_add_(0, is_image, torch.ones_like(losses))
-    model.train()
-    return totals / counts
-
-
 def run_quality(args) -> None:
     corpus = build_interleaved_corpus(seq_len=args.quality_seq)
     shape = shape_kwargs(args.quality_hidden, args.quality_layers)
@@ -151,7 +137,7 @@ def run_quality(args) -> None:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if step % args.quality_eval_every == 0:
-                curves[name].append((step, evaluate(model, validation, args.quality_batch)))
+                curves[name].append((step, validation_loss_by_modality(model, validation, args.quality_batch)))
         print(f"  trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
 
     print(f"\n## Quality: dense vs MoT, hidden {args.quality_hidden}, {args.quality_layers} layers, seq "

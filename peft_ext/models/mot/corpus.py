@@ -53,6 +53,25 @@ class InterleavedCorpus:
         return {"num_modalities": 2, "modality_names": MODALITY_NAMES, "modality_vocab_ranges": MODALITY_VOCAB_RANGES}
 
 
+@torch.no_grad()
+def validation_loss_by_modality(model, data: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """(text, image) validation loss of any causal LM on corpus blocks: next-token cross-entropy, token-weighted,
+    grouped by the modality of the target token (so dense and MoT models are measured the same way)."""
+    was_training = model.training
+    model.eval()
+    totals, counts = torch.zeros(2), torch.zeros(2)
+    for i in range(0, len(data), batch_size):
+        ids = data[i:i + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1]
+        targets = ids[:, 1:].reshape(-1)
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+        is_image = (targets >= IMAGE_OFFSET).long()
+        totals.index_add_(0, is_image, losses)
+        counts.index_add_(0, is_image, torch.ones_like(losses))
+    model.train(was_training)
+    return totals / counts
+
+
 def build_interleaved_corpus(seq_len: int = 256, text_bytes: int = 96, validation_fraction: float = 0.1,
                              seed: int = 0) -> InterleavedCorpus:
     """Pack <bos> text <boi> image <eoi> text <boi> image <eoi> ... <eos> documents into `seq_len` blocks.

@@ -9,27 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HIDDEN, LAYERS, HEADS, SEQ_LEN = 128, 2, 2, 256
 STEPS, BATCH, EVAL_EVERY, EVAL_BLOCKS, LR, WARMUP = 160, 16, 20, 64, 3e-3, 20
-
-
-@torch.no_grad()
-def _per_modality_loss(model, data: torch.Tensor, image_offset: int) -> torch.Tensor:
-    """(text, image) validation loss: next-token cross-entropy, token-weighted, by the modality of the target."""
-    model.eval()
-    totals, counts = torch.zeros(2), torch.zeros(2)
-    for i in range(0, len(data), 16):
-        ids = data[i:i + 16]
-        logits = model(input_ids=ids).logits[:, :-1]
-        targets = ids[:, 1:].reshape(-1)
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
-        is_image = (targets >= image_offset).long()
-        totals.index_add_(0, is_image, losses)
-        counts.index_add_(0, is_image, torch.ones_like(losses))
-    model.train()
-    return totals / counts
 
 
 def _parameter_counts(model) -> tuple[int, int]:
@@ -54,10 +36,10 @@ def run_stage(out_dir: Path, make_progress):
 
     from peft_ext import MoTConfig, MoTForCausalLM
     from peft_ext.models.mot.corpus import (
-        IMAGE_OFFSET,
         MODALITY_NAMES,
         InterleavedCorpus,
         build_interleaved_corpus,
+        validation_loss_by_modality,
     )
     from peft_ext.tour import StageResult
 
@@ -89,7 +71,7 @@ def run_stage(out_dir: Path, make_progress):
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if step % EVAL_EVERY == 0:
-                curves[name].append((step, _per_modality_loss(model, validation, IMAGE_OFFSET)))
+                curves[name].append((step, validation_loss_by_modality(model, validation)))
             progress.update(model=name, loss=f"{loss.item():.3f}")
         seconds[name] = time.perf_counter() - start
     progress.close()
@@ -100,7 +82,7 @@ def run_stage(out_dir: Path, make_progress):
     with torch.no_grad():
         # MoT's own per-modality loss on the probe, next to the one computed from the logits
         own = mot(input_ids=probe, labels=probe).loss_per_modality
-        check = _per_modality_loss(mot, probe, IMAGE_OFFSET)
+        check = validation_loss_by_modality(mot, probe)
         upcycled = MoTForCausalLM.from_dense(dense, **InterleavedCorpus.mot_kwargs()).eval()
         upcycle_diff = (upcycled(input_ids=probe).logits - dense(input_ids=probe).logits).abs().max().item()
         with tempfile.TemporaryDirectory() as tmp:
