@@ -238,6 +238,12 @@ class NolaLayer(BaseTunerLayer):
                 weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
                 self.set_base_weight(weight)
 
+    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, bool]:
+        """The base layer's output, and whether the (unmerged, enabled) adapters still have to be added to it."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs), not (self.disable_adapters or self.merged)
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
@@ -268,12 +274,8 @@ class Linear(nn.Module, NolaLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, add_adapters = self._base_output(x, *args, **kwargs)
+        if not add_adapters:
             return result
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
@@ -312,12 +314,8 @@ class Embedding(nn.Module, NolaLayer):
         return self._delta_weight_out_in(adapter_name).T
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result, add_adapters = self._base_output(x, *args, **kwargs)
+        if not add_adapters:
             return result
         base = self.get_base_layer()
         embed_scale = self._get_embed_scale()
