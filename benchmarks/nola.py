@@ -120,15 +120,13 @@ def run_quality(args) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peft_ext import NolaConfig
-    from peft_ext.embedded import minilm_path, polarity_sentences
+    from peft_ext.embedded import encode_labelled, minilm_path, polarity_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     pairs = polarity_sentences()
 
     def encode(batch):
-        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        enc["labels"] = torch.tensor([y for _, y in batch])
-        return enc
+        return encode_labelled(tokenizer, batch)
 
     lora_r1_params = 6 * 2 * (384 + 384)  # 6 layers × (query, value) × r·(in + out)
     per_module = lora_r1_params // 2 // 12  # half of LoRA r=1, split over 12 modules into k + l

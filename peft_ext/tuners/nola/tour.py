@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from peft_ext.embedded import minilm_path, polarity_sentences
+from peft_ext.embedded import encode_labelled, minilm_path, polarity_sentences
 
 
 def run_stage(out_dir: Path, make_progress):
@@ -33,9 +33,7 @@ def run_stage(out_dir: Path, make_progress):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
 
     def encode(batch):
-        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        enc["labels"] = torch.tensor([label for _, label in batch])
-        return enc
+        return encode_labelled(tokenizer, batch)
 
     def load_base():
         torch.manual_seed(0)  # the classifier head is new: seed it the same way every time
