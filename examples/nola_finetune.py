@@ -88,7 +88,7 @@ def main() -> None:
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
-        print(f"eval loss: {before:.4f} -> {after:.4f}")
+        print(f"eval loss: {before:.6f} -> {after:.6f}")
     trainer.save_model(training_args.output_dir)
 
 

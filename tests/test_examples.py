@@ -38,8 +38,8 @@ def test_nola_finetune_script(method, tiny_causal_lm_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "examples" / "nola_finetune.py"), "--model_name_or_path", str(tiny_causal_lm_dir),
            "--method", method, "--r", "2", "--num_basis", "64", "--block_size", "32", "--output_dir", str(out),
-           "--max_steps", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-           "--learning_rate", "0.01", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]
+           "--max_steps", "6", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+           "--learning_rate", "0.05", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = map(float, re.search(r"eval loss: ([\d.]+) -> ([\d.]+)", result.stdout).groups())
