@@ -412,7 +412,8 @@ class MoTPreTrainedModel(PreTrainedModel):
         tags = kwargs.pop("tags", None)
 
         def save_to(folder: str) -> None:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            # the plain transformers save, then the card once, with the repo id and tags it should show
+            PreTrainedModel.save_pretrained(self, folder, max_shard_size=max_shard_size)
             self._write_model_card(folder, repo_id=repo_id, tags=tags)
 
         return push_folder_to_hub(save_to, repo_id, **kwargs)
