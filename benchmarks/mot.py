@@ -30,6 +30,7 @@ from peft_ext.models.mot import modeling_mot
 from peft_ext.models.mot.corpus import (
     InterleavedCorpus,
     build_interleaved_corpus,
+    model_shape,
     validation_loss_by_modality,
 )
 
@@ -53,11 +54,6 @@ class NaiveAllTowersRouter(modeling_mot.ModalityRouter):
         return out.reshape(*self.batch_shape, *out.shape[1:])
 
 
-def shape_kwargs(hidden: int, layers: int) -> dict:
-    return {"hidden_size": hidden, "intermediate_size": int(hidden * 8 / 3) // 64 * 64, "num_hidden_layers": layers,
-            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "max_position_embeddings": 4096}
-
-
 def interleaved_modalities(batch: int, seq: int, num_modalities: int, generator: torch.Generator) -> torch.Tensor:
     """Spans like real interleaved data: text runs of 32-160 tokens, then a 66-token span of another modality."""
     ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -75,7 +71,7 @@ def run_speed(args) -> None:
     vocab = 1024
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    dense_cfg = LlamaConfig(vocab_size=vocab, **shape_kwargs(args.hidden, args.layers))
+    dense_cfg = LlamaConfig(vocab_size=vocab, **model_shape(args.hidden, args.layers, args.hidden // 64, 4096))
     torch.manual_seed(0)
     dense = LlamaForCausalLM(dense_cfg)
     models = {"dense": (dense, None, modeling_mot.ModalityRouter)}
@@ -115,7 +111,7 @@ def run_speed(args) -> None:
 
 def run_quality(args) -> None:
     corpus = build_interleaved_corpus(seq_len=args.quality_seq)
-    shape = shape_kwargs(args.quality_hidden, args.quality_layers)
+    shape = model_shape(args.quality_hidden, args.quality_layers, args.quality_hidden // 64, 4096)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**shape, **InterleavedCorpus.config_kwargs()))
     torch.manual_seed(0)

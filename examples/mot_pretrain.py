@@ -36,14 +36,15 @@ from transformers import (
 )
 
 from peft_ext import MoTConfig, MoTForCausalLM
-from peft_ext.models.mot import ModalityModuleList
 from peft_ext.models.mot.configuration_mot import NORM_PLACEMENTS
 from peft_ext.models.mot.corpus import (
     MODALITY_NAMES,
-    MODALITY_VOCAB_RANGES,
     VOCAB_SIZE,
     InterleavedCorpus,
     build_interleaved_corpus,
+    count_parameters,
+    modality_of_tokens,
+    model_shape,
 )
 
 ARCHITECTURES = ("mot", "dense")
@@ -100,13 +101,6 @@ class ScriptArguments:
             )
 
 
-def model_shape(args: ScriptArguments) -> dict:
-    """The shape shared by dense and MoT: SwiGLU width ~8/3 of the hidden size, rounded down to 64."""
-    return {"hidden_size": args.hidden_size, "intermediate_size": max(64, int(args.hidden_size * 8 / 3) // 64 * 64),
-            "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_attention_heads,
-            "num_key_value_heads": args.num_attention_heads, "max_position_embeddings": args.seq_len}
-
-
 def build_model(args: ScriptArguments):
     untie = {"untie_attention": args.untie_attention, "untie_ffn": args.untie_ffn, "untie_norms": args.untie_norms}
     if args.from_dense is not None:
@@ -120,31 +114,15 @@ def build_model(args: ScriptArguments):
             )
         return MoTForCausalLM.from_dense(dense, **InterleavedCorpus.mot_kwargs(), **untie)
     if args.architecture == "dense":
-        return LlamaForCausalLM(LlamaConfig(**model_shape(args), **InterleavedCorpus.config_kwargs()))
-    config = MoTConfig(**model_shape(args), **InterleavedCorpus.config_kwargs(), **InterleavedCorpus.mot_kwargs(),
+        return LlamaForCausalLM(LlamaConfig(**model_shape(args.hidden_size, args.num_layers, args.num_attention_heads, args.seq_len), **InterleavedCorpus.config_kwargs()))
+    config = MoTConfig(**model_shape(args.hidden_size, args.num_layers, args.num_attention_heads, args.seq_len), **InterleavedCorpus.config_kwargs(), **InterleavedCorpus.mot_kwargs(),
                        norm_placement=args.norm_placement, **untie)
     return MoTForCausalLM(config)
-
-
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters a token goes through): a token uses one tower of each untied module."""
-    total = sum(p.numel() for p in model.parameters())
-    idle = sum(p.numel() for module in model.modules() if isinstance(module, ModalityModuleList) and module.is_untied
-               for tower in list(module)[1:] for p in tower.parameters())
-    return total, total - idle
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
     return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
-def target_modalities(targets: torch.Tensor) -> torch.Tensor:
-    """The modality of each token id (the corpus's vocabulary ranges)."""
-    modality = torch.zeros_like(targets)
-    for m, (start, end) in enumerate(MODALITY_VOCAB_RANGES):
-        modality[(targets >= start) & (targets < end)] = m
-    return modality
 
 
 @torch.no_grad()
@@ -163,7 +141,7 @@ def evaluate_per_modality(trainer: Trainer, dataset: Dataset) -> dict[str, float
         input_ids, labels = batch["input_ids"], batch["labels"]
         with trainer.autocast_smart_context_manager():
             out = model(input_ids=input_ids, labels=labels)
-        modality = target_modalities(labels[:, 1:]).reshape(-1)
+        modality = modality_of_tokens(labels[:, 1:]).reshape(-1)
         n = torch.bincount(modality, minlength=k).to(sums)
         means = getattr(out, "loss_per_modality", None)
         if means is None:  # dense: the same per-modality mean next-token cross-entropy, from the logits
@@ -194,7 +172,7 @@ def main() -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=validation_set,
                       data_collator=collate)
     if trainer.is_world_process_zero():
-        total, active = parameter_counts(model)
+        total, active = count_parameters(model)
         name = type(model).__name__ + (f" (upcycled from {args.from_dense})" if args.from_dense else "")
         print(f"{name}: {total:,} parameters, {active:,} active per token; "
               f"{len(train_set)} training and {len(validation_set)} validation blocks of {args.seq_len} tokens")

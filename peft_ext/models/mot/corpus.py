@@ -53,6 +53,29 @@ class InterleavedCorpus:
         return {"num_modalities": 2, "modality_names": MODALITY_NAMES, "modality_vocab_ranges": MODALITY_VOCAB_RANGES}
 
 
+def model_shape(hidden_size: int, num_layers: int, num_heads: int, max_positions: int) -> dict:
+    """The Llama/MoT shape fields that dense and MoT share in the experiments on this corpus: a SwiGLU width of
+    about 8/3 of the hidden size, rounded down to a multiple of 64 (at least 64)."""
+    return {"hidden_size": hidden_size, "intermediate_size": max(64, int(hidden_size * 8 / 3) // 64 * 64),
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+            "max_position_embeddings": max_positions}
+
+
+def modality_of_tokens(token_ids: torch.Tensor) -> torch.Tensor:
+    """0 for text (and the structural tokens), 1 for image tokens, by id."""
+    return (token_ids >= IMAGE_OFFSET).long()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters a token goes through); for MoT a token uses one tower of each untied module."""
+    from peft_ext.models.mot.modeling_mot import ModalityModuleList
+
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum(p.numel() for module in model.modules() if isinstance(module, ModalityModuleList) and module.is_untied
+               for tower in list(module)[1:] for p in tower.parameters())
+    return total, total - idle
+
+
 @torch.no_grad()
 def validation_loss_by_modality(model, data: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(text, image) validation loss of any causal LM on corpus blocks: next-token cross-entropy, token-weighted,
@@ -65,9 +88,9 @@ def validation_loss_by_modality(model, data: torch.Tensor, batch_size: int = 16)
         logits = model(input_ids=ids).logits[:, :-1]
         targets = ids[:, 1:].reshape(-1)
         losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
-        is_image = (targets >= IMAGE_OFFSET).long()
-        totals.index_add_(0, is_image, losses)
-        counts.index_add_(0, is_image, torch.ones_like(losses))
+        modality = modality_of_tokens(targets)
+        totals.index_add_(0, modality, losses)
+        counts.index_add_(0, modality, torch.ones_like(losses))
     model.train(was_training)
     return totals / counts
 

@@ -14,16 +14,6 @@ HIDDEN, LAYERS, HEADS, SEQ_LEN = 128, 2, 2, 256
 STEPS, BATCH, EVAL_EVERY, EVAL_BLOCKS, LR, WARMUP = 160, 16, 20, 64, 3e-3, 20
 
 
-def _parameter_counts(model) -> tuple[int, int]:
-    """(all parameters, those a token goes through: one tower of each untied module)."""
-    from peft_ext.models.mot import ModalityModuleList
-
-    total = sum(p.numel() for p in model.parameters())
-    idle = sum(p.numel() for module in model.modules() if isinstance(module, ModalityModuleList) and module.is_untied
-               for tower in list(module)[1:] for p in tower.parameters())
-    return total, total - idle
-
-
 def run_stage(out_dir: Path, make_progress):
     import matplotlib
 
@@ -39,14 +29,15 @@ def run_stage(out_dir: Path, make_progress):
         MODALITY_NAMES,
         InterleavedCorpus,
         build_interleaved_corpus,
+        count_parameters,
+        model_shape,
         validation_loss_by_modality,
     )
     from peft_ext.tour import StageResult
 
     corpus = build_interleaved_corpus(seq_len=SEQ_LEN)
     validation = corpus.validation[:EVAL_BLOCKS]
-    shape = {"hidden_size": HIDDEN, "intermediate_size": int(HIDDEN * 8 / 3) // 64 * 64, "num_hidden_layers": LAYERS,
-             "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "max_position_embeddings": SEQ_LEN}
+    shape = model_shape(HIDDEN, LAYERS, HEADS, SEQ_LEN)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**shape, **InterleavedCorpus.config_kwargs()))
     torch.manual_seed(0)
@@ -104,8 +95,8 @@ def run_stage(out_dir: Path, make_progress):
     fig.savefig(out_dir / "mot_loss.png", dpi=100)
     plt.close(fig)
 
-    dense_total, _ = _parameter_counts(dense)
-    mot_total, mot_active = _parameter_counts(mot)
+    dense_total, _ = count_parameters(dense)
+    mot_total, mot_active = count_parameters(mot)
     metrics: dict[str, float | int | str] = {
         "dense parameters": dense_total,
         "MoT parameters (all)": mot_total,
