@@ -23,6 +23,7 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 import peft_ext
@@ -74,6 +75,9 @@ def build_datasets(tokenizer, args: ScriptArguments) -> tuple[Dataset, Dataset]:
 
 def main() -> None:
     args, training_args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    # Before the adapter is built: its trainable initialization draws from the global RNG, and every process
+    # (DDP, DeepSpeed) must start from the same coefficients.
+    set_seed(training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,10 +86,14 @@ def main() -> None:
     model.print_trainable_parameters()
 
     train, evaluation = build_datasets(tokenizer, args)
+    # The loss before training is measured inside `train()` (eval_on_start), on the model as wrapped for training:
+    # a separate `evaluate()` first would wrap it for DDP twice, which changes the training gradients, and
+    # DeepSpeed ZeRO-1/2 cannot evaluate before training at all.
+    training_args.eval_on_start = True
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    before = trainer.evaluate()["eval_loss"]
     trainer.train()
+    before = next(log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log)
     after = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
         print(f"eval loss: {before:.6f} -> {after:.6f}")
