@@ -4,9 +4,21 @@ Importing `peft_ext` registers every method with peft (new `PeftType` members, s
 `get_peft_model` and `PeftModel.from_pretrained` know them) and with transformers' Auto classes.
 """
 
+from peft_ext.models.leyolo import LeYoloConfig, LeYoloForObjectDetection, LeYoloImageProcessor, LeYoloModel
 from peft_ext.models.mot import MoTConfig, MoTForCausalLM, MoTModel
 from peft_ext.tuners.nola import NolaConfig, NolaModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MoTConfig", "MoTForCausalLM", "MoTModel", "NolaConfig", "NolaModel", "__version__"]
+__all__ = [
+    "LeYoloConfig",
+    "LeYoloForObjectDetection",
+    "LeYoloImageProcessor",
+    "LeYoloModel",
+    "MoTConfig",
+    "MoTForCausalLM",
+    "MoTModel",
+    "NolaConfig",
+    "NolaModel",
+    "__version__",
+]

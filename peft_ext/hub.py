@@ -104,6 +104,17 @@ def push_folder_to_hub(save_to: Callable[[str], None], repo_id: str, *, private:
                                  revision=revision, create_pr=create_pr)
 
 
+def push_model_to_hub(model, repo_id: str, **kwargs):
+    """Upload a transformers model of ours as one commit: `model.save_pretrained` into a temporary folder, then
+    `model._write_model_card(folder, repo_id=repo_id)` (so the card names the repository), then the upload."""
+
+    def save_to(folder: str) -> None:
+        model.save_pretrained(folder)
+        model._write_model_card(folder, repo_id=repo_id)
+
+    return push_folder_to_hub(save_to, repo_id, **kwargs)
+
+
 def write_peft_model_card(peft_model, output_dir: str, template: str) -> None:
     """Write the card of a `PeftModel` whose adapter is one of our tuner types."""
     from peft import PeftModelForCausalLM

@@ -135,9 +135,15 @@ def register_auto_classes(
         if auto_cls is None:
             raise ValueError(f"Unknown Auto class {auto_name!r} for model_type {model_type!r}.")
         auto_cls.register(config_cls, model_cls, exist_ok=True)
+        # pipelines check support against the Auto class's name table, which `register` leaves alone.
+        names = getattr(getattr(auto_cls, "_model_mapping", None), "_model_mapping", None)
+        if isinstance(names, dict):
+            names.setdefault(model_type, model_cls.__name__)
     if image_processor_cls is not None:
+        # Our processors work on torch tensors and PIL images without torchvision: the "pil" backend, the one
+        # transformers picks where torchvision is not installed.
         transformers.AutoImageProcessor.register(
-            config_cls, image_processor_cls=image_processor_cls, exist_ok=True
+            config_cls, image_processor_classes={"pil": image_processor_cls}, exist_ok=True
         )
 
 
