@@ -6,6 +6,13 @@ Importing `peft_ext` registers every method with peft (new `PeftType` members, s
 
 from peft_ext.models.leyolo import LeYoloConfig, LeYoloForObjectDetection, LeYoloImageProcessor, LeYoloModel
 from peft_ext.models.mot import MoTConfig, MoTForCausalLM, MoTModel
+from peft_ext.tuners.mixda import (
+    MixDAConfig,
+    MixDADomainCollator,
+    MixDADomainTrainer,
+    MixDAModel,
+    mixda_domain_loss,
+)
 from peft_ext.tuners.nola import NolaConfig, NolaModel
 
 __version__ = "0.1.0"
@@ -15,10 +22,15 @@ __all__ = [
     "LeYoloForObjectDetection",
     "LeYoloImageProcessor",
     "LeYoloModel",
+    "MixDAConfig",
+    "MixDADomainCollator",
+    "MixDADomainTrainer",
+    "MixDAModel",
     "MoTConfig",
     "MoTForCausalLM",
     "MoTModel",
     "NolaConfig",
     "NolaModel",
     "__version__",
+    "mixda_domain_loss",
 ]

