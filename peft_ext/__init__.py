@@ -5,6 +5,7 @@ Importing `peft_ext` registers every method with peft (new `PeftType` members, s
 """
 
 from peft_ext.models.leyolo import LeYoloConfig, LeYoloForObjectDetection, LeYoloImageProcessor, LeYoloModel
+from peft_ext.models.longmem import LongMemConfig, LongMemForCausalLM
 from peft_ext.models.mot import MoTConfig, MoTForCausalLM, MoTModel
 from peft_ext.tuners.mixda import (
     MixDAConfig,
@@ -22,6 +23,8 @@ __all__ = [
     "LeYoloForObjectDetection",
     "LeYoloImageProcessor",
     "LeYoloModel",
+    "LongMemConfig",
+    "LongMemForCausalLM",
     "MixDAConfig",
     "MixDADomainCollator",
     "MixDADomainTrainer",

@@ -22,6 +22,7 @@ from peft_ext.serialization import atomic_write_text
 STAGES: dict[str, str] = {
     "nola": "peft_ext.tuners.nola.tour:run_stage",
     "mixda": "peft_ext.tuners.mixda.tour:run_stage",
+    "longmem": "peft_ext.models.longmem.tour:run_stage",
     "mot": "peft_ext.models.mot.tour:run_stage",
     "leyolo": "peft_ext.models.leyolo.tour:run_stage",
 }

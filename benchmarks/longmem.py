@@ -1,0 +1,366 @@
+"""LongMem on CPU, in one run: long-range recall with and without memory, speed against the bare backbone, and
+retrieval exactness and latency.
+
+Part 1, recall (`--part recall`), the training recipe included. The backbone is a tiny Llama-shaped model built from
+a config (hidden 64, 2 layers, 4 heads / 2 key-value heads, 289-token vocabulary) and *pretrained inside this script*
+from random weights, on toy data only: a "skip-bigram" language (a token is often a fixed function of the token two
+back, which teaches a previous-token head) and in-context associative recall, with and without 24 distractor pairs
+between facts and questions, so that, like a pretrained LM, it can recall in its local context. It is then frozen.
+The task (`peft_ext.models.longmem.data.RecallTask`): a document is a stream of "key value" pairs; 8 facts (keys from
+their own range) sit in its first 64 tokens, distractor pairs everywhere else; the questions (4 of the facts' keys,
+each followed by its value, the label) come after `distance` more tokens. Values are uniform over 32 tokens (chance
+3.1%). Memory-augmented adaptation trains the SideNet only, on documents whose facts are 256–1,088 tokens back: each
+document's context is memorized with the frozen backbone (64-token segments) and the question segment is trained on
+(the only segment with labels, so the only one whose SideNet pass has a gradient). Evaluation on unseen documents
+with facts 4k, 8k, 16k and 32k tokens back (never seen in training); the local window is the 8-token question segment:
+  - LongMem with its memory;
+  - the same model with memory switched off (`use_memory=False`);
+  - the bare backbone on the question segment;
+  - the retrieval's own hit rate (is the answer among the pairs retrieved for the question's key?).
+The LongMem settings are the paper's: chunks of 4 tokens, top-16 chunks, a 65,536-token bank per row (gate logit
+initialized at 3, i.e. σ(g) = 0.95, instead of the official 0).
+
+Part 2, speed (`--part speed`): a SmolLM2-135M-shaped Llama (random weights: speed does not depend on them), 1k-token
+segments; tokens/s of LongMem streaming segments into a 65,536-token bank (filled to capacity with random keys and
+values first, so every step retrieves from 16,384 chunks, writes and evicts) as a ratio to the bare backbone's full
+forward; and the time of retrieval itself (memory search, gather and memory
+attention) per 1k tokens as a share of one backbone forward of the same 1k tokens.
+
+Part 3, retrieval (`--part retrieval`): the torch backend's top-k against a brute-force loop on random banks; faiss
+flat against torch; latency per 1k query tokens (one head, head_dim 64, top-16 chunks of 4) as the bank grows from
+16k to 1M tokens, torch vs faiss IVF and HNSW, with their recall@16 against the exact top-16.
+
+    OMP_NUM_THREADS=2 flock /tmp/peft-ext-heavy.lock python benchmarks/longmem.py            # all parts
+    python benchmarks/longmem.py --part recall [--adapt-steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging
+
+from peft_ext.models.longmem import LongMemConfig, LongMemForCausalLM, MemoryBank, MemoryBankSpec
+from peft_ext.models.longmem.data import RecallTask, answer_accuracy
+
+logging.set_verbosity_error()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------- recall
+TASK = RecallTask(num_distractors=128, num_keys=128, num_values=32, num_facts=8, num_questions=4)
+MEMORIZE_SEGMENT, FACT_REGION = 64, 64
+
+
+def skip_bigram_batch(generator: torch.Generator, batch: int, length: int = 32):
+    """A toy language in which a token is, 70% of the time, a fixed function of the token two places back:
+    predicting it needs a look at the previous token, the first half of in-context recall."""
+    vocab = TASK.vocab_size
+    rule = torch.randperm(vocab - 1, generator=torch.Generator().manual_seed(5)) + 1
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    follows = torch.rand(batch, length, generator=generator) < 0.7
+    for t in range(2, length):
+        ids[:, t] = torch.where(follows[:, t], rule[ids[:, t - 2] - 1], ids[:, t])
+    labels = ids.masked_fill(~follows, -100)
+    labels[:, :2] = -100
+    return ids, labels
+
+
+def pretrain_backbone(steps: int, seed: int) -> tuple[LlamaForCausalLM, float]:
+    """A tiny Llama trained from scratch on three toy sources at once: the skip-bigram language, in-context
+    associative recall (8 facts, then all 8 keys again, each followed by its value), and the same with 24 distractor
+    pairs between facts and questions (all within 80 tokens)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=TASK.vocab_size, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    backbone = LlamaForCausalLM(config)
+    recall = dataclasses.replace(TASK, num_questions=TASK.num_facts)
+
+    def with_distractors(generator, batch):
+        context, questions, labels = recall.long_range_batch(generator, batch, distance=48, fact_region=16)
+        return torch.cat([context, questions], 1), torch.cat([torch.full_like(context, -100), labels], 1)
+
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = sum(backbone(input_ids=ids, labels=labels).loss for ids, labels in (
+            skip_bigram_batch(generator, 16), recall.in_context_batch(generator, 32), with_distractors(generator, 32)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    backbone.eval()
+    with torch.no_grad():
+        ids, labels = with_distractors(torch.Generator().manual_seed(seed + 1), 256)
+        in_context = answer_accuracy(backbone(ids).logits, labels)
+    return backbone, in_context
+
+
+def answer_retrieved(lm: LongMemForCausalLM, context: torch.Tensor, questions: torch.Tensor,
+                     labels: torch.Tensor) -> float:
+    """Share of questions whose answer token (the fact's value in the bank) is among the pairs that at least one
+    head of the memory layer retrieves for the question's key: the retrieval's own hit rate."""
+    layer = lm.sidenet[lm.config.sidenet_memory_layer]
+    batch, length = questions.shape
+    family, chunk = lm.family, lm.config.chunk_size
+    with torch.no_grad():
+        hidden = lm.backbone.get_input_embeddings()(questions)
+        queries = layer.qkv(layer.norm1(hidden))[0].view(batch, length, family.num_heads, -1).transpose(1, 2)
+        group = family.num_heads // family.num_kv_heads
+        slots, _ = lm.memory.search(queries.reshape(batch, family.num_kv_heads, group * length, -1),
+                                    lm.config.topk_chunks)
+    slots = slots.reshape(batch, family.num_kv_heads, group, length, -1)
+    hits = []
+    for row in range(batch):
+        for position in (labels[row] != -100).nonzero().flatten().tolist():
+            answer = (context[row] == questions[row, position - 1]).nonzero().flatten()[0].item() + 1
+            hits.append(bool((slots[row, :, :, position - 1] == answer // chunk).any()))
+    return statistics.mean(hits)
+
+
+def long_range_accuracy(lm: LongMemForCausalLM, distance: int, documents: int, seed: int, batch: int = 32):
+    """Accuracy on the answers with memory, with memory off, and of the bare backbone on the questions."""
+    generator = torch.Generator().manual_seed(seed)
+    hits = {"memory": [], "no memory": [], "backbone": [], "retrieved": []}
+    with torch.no_grad():
+        for _ in range(documents // batch):
+            context, questions, labels = TASK.long_range_batch(generator, batch, distance, FACT_REGION)
+            lm.reset_memory(batch_size=batch)
+            lm.memorize(context, segment_length=MEMORIZE_SEGMENT, show_progress=False)
+            hits["memory"].append(answer_accuracy(lm(questions, update_memory=False).logits, labels))
+            hits["no memory"].append(
+                answer_accuracy(lm(questions, use_memory=False, update_memory=False).logits, labels))
+            hits["backbone"].append(answer_accuracy(lm.backbone(questions).logits, labels))
+            hits["retrieved"].append(answer_retrieved(lm, context, questions, labels))
+    return {k: statistics.mean(v) for k, v in hits.items()}
+
+
+def recall_part(args) -> None:
+    start = time.perf_counter()
+    backbone, in_context = pretrain_backbone(args.pretrain_steps, args.seed)
+    pretrain_seconds = time.perf_counter() - start
+    lm = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(memory_size=65536, chunk_size=4, topk_chunks=16,
+                                                                  gate_init=args.gate_init))
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.adapt_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    lm.train()
+    start = time.perf_counter()
+    losses = []
+    for step in range(args.adapt_steps):
+        distance = int(torch.randint(256, 1025, (1,), generator=generator))
+        context, questions, labels = TASK.long_range_batch(generator, args.adapt_batch, distance, FACT_REGION)
+        lm.reset_memory(batch_size=args.adapt_batch)  # a new document in every row
+        lm.memorize(context, segment_length=MEMORIZE_SEGMENT, show_progress=False)
+        loss = lm(questions, labels=labels, update_memory=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"  adaptation step {step + 1}: answer loss {statistics.mean(losses[-100:]):.3f}", flush=True)
+    # The reading, with retrieval taken out of the way: the facts alone in the bank (every chunk is retrieved).
+    with torch.no_grad():
+        lm.eval()
+        keys, values = TASK.facts(generator, 64)
+        questions, labels = TASK.questions(generator, keys, values)
+        lm.reset_memory(batch_size=64)
+        lm.memorize(TASK.pairs(keys, values), show_progress=False)
+        facts_only = answer_accuracy(lm(questions, update_memory=False).logits, labels)
+    adapt_seconds = time.perf_counter() - start
+    lm.eval()
+    frozen = sum(p.numel() for p in lm.backbone.parameters())
+    print("\n## Long-range recall (facts far outside the local window)\n")
+    print(f"backbone: tiny Llama (2 layers, hidden 64, {frozen:,} parameters, frozen), pretrained here for "
+          f"{args.pretrain_steps} steps ({pretrain_seconds:.0f} s); its in-context recall (facts and questions in one "
+          f"window): {in_context:.1%}")
+    print(f"adaptation: SideNet only ({sum(p.numel() for p in trainable):,} parameters), {args.adapt_steps} steps × "
+          f"{args.adapt_batch} documents with facts 256–1,088 tokens back, AdamW lr {args.adapt_lr}, gate init "
+          f"{args.gate_init} ({adapt_seconds:.0f} s)")
+    print(f"reading check: with only the 8 facts in the bank (retrieval cannot miss), accuracy {facts_only:.1%}")
+    print(f"chance: {TASK.chance:.1%} (uniform over {TASK.num_values} values); the questions are read as one "
+          f"{TASK.question_length}-token segment (the local window); the context was memorized in "
+          f"{MEMORIZE_SEGMENT}-token segments; bank 65,536 tokens per row, chunks of 4, top-16 chunks\n")
+    print("| facts this many tokens before the questions | LongMem with memory | memory off | bare backbone "
+          "| answer among the retrieved pairs (any head) |")
+    print("|---|---|---|---|---|")
+    for i, distance in enumerate(args.distances):
+        acc = long_range_accuracy(lm, distance, args.eval_documents, seed=args.seed + 100 + i)
+        span = f"{distance:,}–{distance + FACT_REGION:,}"
+        print(f"| {span} | {acc['memory']:.1%} | {acc['no memory']:.1%} | {acc['backbone']:.1%} "
+              f"| {acc['retrieved']:.1%} |", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- speed
+def smollm2_shaped() -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def speed_part(args) -> None:
+    from peft_ext.models.longmem import modeling_longmem
+
+    backbone = smollm2_shaped()
+    bank_tokens = args.speed_bank_tokens
+    config = LongMemConfig(memory_size=bank_tokens, chunk_size=4, topk_chunks=16)
+    lm = LongMemForCausalLM.from_backbone(backbone, config).eval()
+    segment_length = 1024
+    generator = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 49152, (1, bank_tokens + segment_length * (args.speed_repeats + 2)), generator=generator)
+    with torch.no_grad():
+        # Fill the bank to capacity with keys/values of the right shape: retrieval costs the same whatever they are,
+        # and this skips 64 backbone forwards.
+        lm.reset_memory(batch_size=1)
+        shape = (1, bank_tokens, lm.family.num_kv_heads, lm.family.head_dim)
+        lm.memory.write(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+        position = [bank_tokens]
+
+        def next_segment():
+            segment = stream[:, position[0]:position[0] + segment_length]
+            position[0] = bank_tokens + (position[0] - bank_tokens + segment_length) % (segment_length * args.speed_repeats)
+            return segment
+
+        probe = stream[:, :segment_length]
+        backbone_seconds, longmem_seconds = [], []
+        for _ in range(args.speed_repeats + 1):  # interleaved, so machine drift hits both alike
+            start = time.perf_counter()
+            backbone(probe)
+            backbone_seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            lm(next_segment())  # retrieves from the full bank, then writes (and evicts)
+            longmem_seconds.append(time.perf_counter() - start)
+        backbone_time = statistics.median(backbone_seconds[1:])
+        longmem_time = statistics.median(longmem_seconds[1:])
+
+        # Retrieval alone: the memory layer's queries for one segment, then search + gather + memory attention.
+        layer = lm.sidenet[lm.config.sidenet_memory_layer]
+        family = lm.family
+        hidden = torch.randn(1, segment_length, 576)
+        queries = layer.qkv(layer.norm1(hidden))[0].view(1, segment_length, family.num_heads, -1).transpose(1, 2)
+        retrieval_time = median_seconds(
+            lambda: modeling_longmem.memory_attention(queries, lm.memory, 16, family.scaling), args.speed_repeats)
+        search_time = median_seconds(
+            lambda: lm.memory.search(queries.reshape(1, family.num_kv_heads, -1, queries.shape[-1]), 16),
+            args.speed_repeats)
+    tokens = segment_length
+    print(f"\n## Speed: SmolLM2-135M-shaped Llama (random weights), 1k-token segments, {bank_tokens:,}-token bank (full)\n")
+    print("| | seconds / 1k-token segment (median) | tokens/s | ratio to backbone |")
+    print("|---|---|---|---|")
+    print(f"| bare backbone forward | {backbone_time:.3f} | {tokens / backbone_time:,.0f} | 1.00 |")
+    print(f"| LongMem forward (backbone + SideNet + retrieval + write) | {longmem_time:.3f} | "
+          f"{tokens / longmem_time:,.0f} | {backbone_time / longmem_time:.2f} (target ≥ 0.6) |")
+    print(f"\nretrieval (search + gather + memory attention) per 1k tokens: {retrieval_time:.3f} s = "
+          f"{retrieval_time / backbone_time:.1%} of one backbone forward (paper: about 55%; target ≤ 25%); "
+          f"of which top-k search {search_time:.3f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- retrieval
+def exactness_checks() -> None:
+    torch.manual_seed(0)
+    spec = MemoryBankSpec(source="random", layer=1, num_kv_heads=2, head_dim=32, chunk_size=4, memory_size=4096)
+    banks = {backend: MemoryBank(spec, 2, backend=backend) for backend in ("torch", "faiss-flat")}
+    keys, values = torch.randn(2, 2048, 2, 32), torch.randn(2, 2048, 2, 32)
+    for bank in banks.values():
+        bank.write(keys, values)
+    queries = torch.randn(2, 2, 64, 32)
+    slots, _ = banks["torch"].search(queries, 16)
+    chunk_keys = keys.view(2, 512, 4, 2, 32).mean(2).permute(0, 2, 1, 3)  # (streams, heads, chunks, dim)
+    brute = torch.empty_like(slots)
+    for s in range(2):
+        for h in range(2):
+            for t in range(64):
+                scores = [float(queries[s, h, t] @ chunk_keys[s, h, c]) for c in range(512)]
+                brute[s, h, t] = torch.tensor(sorted(range(512), key=lambda c: -scores[c])[:16])
+    faiss_slots, _ = banks["faiss-flat"].search(queries, 16)
+    print("\n## Retrieval exactness (2 streams × 2 heads × 64 queries, 512 chunks, top-16)\n")
+    print(f"- torch top-k equals the brute-force loop: {torch.equal(slots, brute)}")
+    print(f"- faiss flat equals torch: {torch.equal(faiss_slots, slots)}")
+
+
+def retrieval_part(args) -> None:
+    exactness_checks()
+    dim, chunk, k, queries_per_step = 64, 4, 16, 1024
+    print("\n## Retrieval latency per 1k query tokens (one head, head_dim 64, top-16 chunks of 4)\n")
+    print("| bank tokens | chunks | torch exact (s) | faiss IVF (s) | IVF recall@16 | faiss HNSW (s) | HNSW recall@16 "
+          "| IVF / HNSW build (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for tokens in args.bank_tokens:
+        spec = MemoryBankSpec(source="random", layer=1, num_kv_heads=1, head_dim=dim, chunk_size=chunk,
+                              memory_size=tokens)
+        # Clustered keys (real keys are far from isotropic), queries near them.
+        centers = torch.randn(256, dim, generator=generator)
+        keys = centers[torch.randint(256, (tokens,), generator=generator)] + 0.5 * torch.randn(tokens, dim,
+                                                                                                generator=generator)
+        queries = keys[torch.randint(tokens, (queries_per_step,), generator=generator)] + 0.5 * torch.randn(
+            queries_per_step, dim, generator=generator)
+        query_block = queries[None, None]  # (one stream, one head, 1k tokens, dim)
+        row = [f"{tokens:,}", f"{tokens // chunk:,}"]
+        exact = None
+        builds = []
+        for backend in ("torch", "faiss-ivf", "faiss-hnsw"):
+            bank = MemoryBank(spec, 1, backend=backend)
+            bank.write(keys[None, :, None], keys[None, :, None])
+            start = time.perf_counter()
+            if backend != "torch":
+                bank._faiss_index(0, 0)
+                builds.append(time.perf_counter() - start)
+            seconds = median_seconds(lambda bank=bank, block=query_block: bank.search(block, k), args.retrieval_repeats)
+            slots, _ = bank.search(query_block, k)
+            row.append(f"{seconds:.4f}")
+            if exact is None:
+                exact = slots[0, 0]
+            else:
+                found = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(slots[0, 0], exact))
+                row.append(f"{found / exact.numel():.3f}")
+        row.append(" / ".join(f"{b:.1f}" for b in builds))
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["all", "recall", "speed", "retrieval"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=1200)
+    parser.add_argument("--adapt-steps", type=int, default=400)
+    parser.add_argument("--adapt-batch", type=int, default=8)
+    parser.add_argument("--adapt-lr", type=float, default=3e-3)
+    parser.add_argument("--gate-init", type=float, default=3.0)
+    parser.add_argument("--eval-documents", type=int, default=64)
+    parser.add_argument("--distances", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--speed-repeats", type=int, default=5)
+    parser.add_argument("--speed-bank-tokens", type=int, default=65536)
+    parser.add_argument("--retrieval-repeats", type=int, default=3)
+    parser.add_argument("--bank-tokens", type=int, nargs="+", default=[16384, 65536, 262144, 1048576])
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    if args.part in ("all", "recall"):
+        recall_part(args)
+    if args.part in ("all", "speed"):
+        speed_part(args)
+    if args.part in ("all", "retrieval"):
+        retrieval_part(args)
+    print(f"\ntotal: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
