@@ -82,3 +82,27 @@ def tiny_llama(seed: int = 0, vocab_size: int = 100):
 @pytest.fixture
 def input_ids():
     return torch.tensor([[1, 5, 9, 42, 7, 99, 0, 3], [4, 4, 8, 15, 16, 23, 42, 2]])
+
+
+# ==============================================================================================
+# Benchmark modules the tests share code with (the scale-out benchmark's commands and tiny model)
+# ==============================================================================================
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while a class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama with a real (MiniLM's WordPiece) tokenizer, saved as a local model folder: the scale-out
+    benchmark's, so the example tests and the benchmark train the same model."""
+    return load_benchmark("scale_out").save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

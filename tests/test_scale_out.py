@@ -20,19 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # The example commands and the launcher are the scale-out benchmark's, so the two cannot drift apart.
-_spec = importlib.util.spec_from_file_location("scale_out_benchmark", ROOT / "benchmarks" / "scale_out.py")
-scale_out = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = scale_out  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(scale_out)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    return scale_out.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+scale_out = load_benchmark("scale_out")
 
 
 def run(command: list[str], processes: int, engine: str | None = None) -> None:
