@@ -78,6 +78,23 @@ def test_torch_topk_equals_brute_force():
     assert torch.equal(slots, brute_force_topk(bank, queries, 7))
 
 
+def test_blocked_torch_search_equals_brute_force_with_unequal_streams(monkeypatch):
+    """Query blocks (3, 3, 1 queries here: the last one short) and streams holding different numbers of chunks."""
+    from peft_ext.models.longmem import memory_bank
+
+    torch.manual_seed(0)
+    bank = MemoryBank(spec(), 2)
+    token_mask = torch.ones(2, 200, dtype=torch.bool)
+    token_mask[1, 120:] = False  # stream 1 holds 30 chunks, stream 0 holds 50
+    bank.write(torch.randn(2, 200, 2, 8), torch.randn(2, 200, 2, 8), token_mask=token_mask)
+    assert bank.num_chunks.tolist() == [50, 30]
+    queries = torch.randn(2, 2, 7, 8)
+    monkeypatch.setattr(memory_bank, "SCORE_BLOCK_ELEMENTS", 2 * 2 * 50 * 3)
+    slots, valid = bank.search(queries, 7)
+    assert valid.all()
+    assert torch.equal(slots, brute_force_topk(bank, queries, 7))
+
+
 def test_faiss_flat_equals_torch_and_hnsw_recall_is_reported():
     torch_bank = random_bank(chunks=200)
     queries = torch.randn(2, 2, 16, 8)

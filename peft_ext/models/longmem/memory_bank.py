@@ -33,6 +33,8 @@ from peft_ext.serialization import atomic_write_bytes
 
 MEMORY_FILE = "memory_bank.safetensors"
 RETRIEVAL_BACKENDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+# Query-by-chunk scores held at once by the torch search (4M floats: 16 MiB, about a core's share of the cache).
+SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -227,12 +229,27 @@ class MemoryBank:
             return self._search_torch(queries, k)
         return self._search_faiss(queries, k)
 
+    @torch.no_grad()
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         filled = int(self.num_chunks.max())  # slots >= filled are empty in every stream (the ring fills from 0)
-        scores = queries.to(self.chunk_keys.dtype) @ self.chunk_keys[:, :, :filled].transpose(-1, -2)
-        stored = torch.arange(filled, device=scores.device) < self.num_chunks.to(scores.device)[:, None]
-        scores = scores.masked_fill(~stored[:, None, None, :], float("-inf"))
-        top_scores, slots = scores.topk(k, dim=-1)
+        chunk_keys = self.chunk_keys[:, :, :filled].transpose(-1, -2)
+        queries = queries.to(chunk_keys.dtype)
+        streams, heads, n, _ = queries.shape
+        stored = torch.arange(filled, device=queries.device) < self.num_chunks.to(queries.device)[:, None]
+        unfilled = None if bool(stored.all()) else ~stored[:, None, None, :]
+        slots = torch.empty(streams, heads, n, k, dtype=torch.long, device=queries.device)
+        top_scores = torch.empty(streams, heads, n, k, dtype=chunk_keys.dtype, device=queries.device)
+        # The scores of all queries against a large bank (heads x tokens x chunks) are far larger than the cache:
+        # score a block of queries at a time into one reused buffer, and keep only each block's top-k.
+        block = max(1, min(n, SCORE_BLOCK_ELEMENTS // max(1, streams * heads * filled)))
+        buffer = queries.new_empty(streams, heads, block, filled)
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            scores = buffer if end - start == block else queries.new_empty(streams, heads, end - start, filled)
+            torch.matmul(queries[:, :, start:end], chunk_keys, out=scores)
+            if unfilled is not None:
+                scores.masked_fill_(unfilled, float("-inf"))
+            torch.topk(scores, k, dim=-1, out=(top_scores[:, :, start:end], slots[:, :, start:end]))
         return slots, top_scores > float("-inf")
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
