@@ -9,16 +9,12 @@ from peft.config import PeftConfig
 from peft.utils import TaskType
 
 from peft_ext.registry import add_peft_type
+from peft_ext.validation import check_choice, check_dropout, check_positive_int, normalize_module_targets
 
 MIXDA = add_peft_type("MIXDA")
 STAGES = ("domain", "task")
 GATE_KINDS = ("softmax", "sigmoid")
 GATE_GRANULARITIES = ("token", "sequence")
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 @dataclass
@@ -98,16 +94,12 @@ class MixDAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MIXDA
-        if self.stage not in STAGES:
-            raise ValueError(f"`stage` must be one of {STAGES}, got {self.stage!r}.")
-        _positive_int("bottleneck_size", self.bottleneck_size)
-        _positive_int("task_reduction_factor", self.task_reduction_factor)
-        if not 0.0 <= self.domain_dropout < 1.0:
-            raise ValueError(f"`domain_dropout` must be in [0, 1), got {self.domain_dropout!r}.")
-        if self.gate_kind not in GATE_KINDS:
-            raise ValueError(f"`gate_kind` must be one of {GATE_KINDS}, got {self.gate_kind!r}.")
-        if self.gate_granularity not in GATE_GRANULARITIES:
-            raise ValueError(f"`gate_granularity` must be one of {GATE_GRANULARITIES}, got {self.gate_granularity!r}.")
+        check_choice("stage", self.stage, STAGES)
+        check_positive_int("bottleneck_size", self.bottleneck_size)
+        check_positive_int("task_reduction_factor", self.task_reduction_factor)
+        check_dropout("domain_dropout", self.domain_dropout)
+        check_choice("gate_kind", self.gate_kind, GATE_KINDS)
+        check_choice("gate_granularity", self.gate_granularity, GATE_GRANULARITIES)
         if self.gate_granularity == "sequence" and self.task_type == TaskType.CAUSAL_LM:
             raise ValueError(
                 "`gate_granularity='sequence'` pools over the whole sequence, which would let a causal LM's "
@@ -122,20 +114,11 @@ class MixDAConfig(PeftConfig):
             for name, size in self.domain_adapters.items():
                 if not isinstance(name, str) or not name.isidentifier():
                     raise ValueError(f"`domain_adapters` names must be identifiers (no dots), got {name!r}.")
-                _positive_int(f"domain_adapters[{name!r}]", size)
+                check_positive_int(f"domain_adapters[{name!r}]", size)
         elif self.domain_adapters or self.domain_adapter_sources:
             raise ValueError("`domain_adapters` and `domain_adapter_sources` are for stage='task' only; "
                              f"this config has stage={self.stage!r}.")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex).")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` needs `layers_to_transform`; set both or neither.")
+        normalize_module_targets(self)
 
     @property
     def num_domains(self) -> int:

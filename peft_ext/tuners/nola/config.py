@@ -8,6 +8,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from peft_ext.registry import add_peft_type
+from peft_ext.validation import check_choice, check_dropout, check_positive_int, normalize_module_targets
 
 NOLA = add_peft_type("NOLA")
 BASIS_MODES = ("auto", "cached", "chunked")
@@ -86,28 +87,14 @@ class NolaConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = NOLA
         for name in ("r", "num_basis_A", "num_basis_B"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         if not isinstance(self.nola_alpha, (int, float)) or self.nola_alpha <= 0:
             raise ValueError(f"`nola_alpha` must be a positive number, got {self.nola_alpha!r}.")
-        if not 0.0 <= self.nola_dropout < 1.0:
-            raise ValueError(f"`nola_dropout` must be in [0, 1), got {self.nola_dropout!r}.")
-        if self.bias not in BIAS_OPTIONS:
-            raise ValueError(f"`bias` must be one of {BIAS_OPTIONS}, got {self.bias!r}.")
-        if self.basis_mode not in BASIS_MODES:
-            raise ValueError(f"`basis_mode` must be one of {BASIS_MODES}, got {self.basis_mode!r}.")
+        check_dropout("nola_dropout", self.nola_dropout)
+        check_choice("bias", self.bias, BIAS_OPTIONS)
+        check_choice("basis_mode", self.basis_mode, BASIS_MODES)
         if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int) or not 0 <= self.basis_seed < 2**63:
             raise ValueError(f"`basis_seed` must be an integer in [0, 2**63), got {self.basis_seed!r}.")
         if not self.max_cached_basis_mib > 0:
             raise ValueError(f"`max_cached_basis_mib` must be positive, got {self.max_cached_basis_mib!r}.")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex).")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` needs `layers_to_transform`; set both or neither.")
+        normalize_module_targets(self)
