@@ -74,9 +74,14 @@ def save_tiny_llama(folder: Path) -> Path:
     return folder
 
 
+def launch_env() -> dict[str, str]:
+    """The environment of a training subprocess: offline, one thread per process (the processes share the cores)."""
+    return {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 def launch(command: list[str], processes: int, engine: str | None = None) -> subprocess.CompletedProcess:
-    """Run an example on 1 process (plain python) or on `processes` (accelerate launch, DDP or DeepSpeed)."""
-    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    """Run a script on 1 process (plain python) or on `processes` (accelerate launch, DDP or DeepSpeed)."""
+    env = launch_env()
     if processes == 1:
         full = [sys.executable, *command]
     else:

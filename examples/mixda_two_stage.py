@@ -107,10 +107,13 @@ def main() -> None:
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset(train), eval_dataset=dataset(test),
+    # The metrics before training are measured inside `train()` (eval_on_start), on the model as wrapped for
+    # training: a separate `evaluate()` first would wrap it for DDP twice, which changes the training gradients.
+    task_args = dataclasses.replace(training_args, eval_on_start=True)
+    trainer = Trainer(model=model, args=task_args, train_dataset=dataset(train), eval_dataset=dataset(test),
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    before = trainer.evaluate()
     trainer.train()
+    before = next(log for log in trainer.state.log_history if "eval_loss" in log)
     after = trainer.evaluate()
     if trainer.is_world_process_zero():
         print(f"stage 2 eval loss: {before['eval_loss']:.6f} -> {after['eval_loss']:.6f}")

@@ -1,28 +1,23 @@
 """NOLA under 2-process data parallel (accelerate launch, gloo on CPU) equals 1-process training."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).parent / "scripts" / "nola_ddp_train.py"
+scale_out = load_benchmark("scale_out")
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "8"], env=env,
-                            capture_output=True, text=True, timeout=900)
+    # The launcher of the scale-out benchmark and tests: plain python for 1 process, accelerate launch for 2.
+    single = scale_out.launch([str(SCRIPT), str(tmp_path / "one"), "8"], processes=1)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-                             str(SCRIPT), str(tmp_path / "two"), "4"], env=env, capture_output=True, text=True, timeout=900)
+    double = scale_out.launch([str(SCRIPT), str(tmp_path / "two"), "4"], processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
 
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())

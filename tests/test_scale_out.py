@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def test_mot_fully_shard_per_decoder_layer_trains_like_one_process(tmp_path):
     """PyTorch FSDP2 on 2 CPU processes, one unit per `_no_split_modules` layer: every tower of a layer is in
     that layer's unit, and 3 steps give the weights of unsharded 1-process training on the same global batch."""
     script = str(ROOT / "tests" / "scripts" / "mot_fsdp_train.py")
-    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"} | {"OMP_NUM_THREADS": "1"}
+    env = scale_out.launch_env()
     one = subprocess.run([sys.executable, script, str(tmp_path / "one")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
