@@ -162,8 +162,12 @@ def fused_projections(projections: list[ModalityModuleList], blocks: Blocks) -> 
     if not all(_is_plain_linear(tower) for projection in projections for tower in projection):
         return [projection(blocks) for projection in projections]
     sizes = [projection[0].out_features for projection in projections]
-    weights = [torch.cat([projection[t].weight for projection in projections]) for t in range(len(projections[0]))]
-    outputs = apply_towers([lambda x, w=w: F.linear(x, w) for w in weights], blocks)
+
+    def tower(t: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        # Concatenated when called: a tower whose modality has no token in the batch costs nothing.
+        return lambda x: F.linear(x, torch.cat([projection[t].weight for projection in projections]))
+
+    outputs = apply_towers([tower(t) for t in range(len(projections[0]))], blocks)
     split = [[None] * len(projections) if block is None else block.split(sizes, dim=-1) for block in outputs]
     return [list(parts) for parts in zip(*split)]
 
