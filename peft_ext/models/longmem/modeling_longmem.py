@@ -234,12 +234,12 @@ class SideNetLayer(nn.Module):
         return hidden + self.mlp(self.norm2(hidden))
 
 
-def local_attention_mask(attention_mask: torch.Tensor | None, tokens: int, past: int) -> torch.Tensor | None:
+def local_attention_mask(attention_mask: torch.Tensor | None, tokens: int, past: int,
+                         device: torch.device) -> torch.Tensor | None:
     """Boolean (batch, 1, tokens, past + tokens) mask: causal, without padded keys; None when plain causal works."""
     if attention_mask is None and past == 0:
         return None
     total = past + tokens
-    device = attention_mask.device if attention_mask is not None else None
     query_positions = torch.arange(past, total, device=device)[:, None]
     key_positions = torch.arange(total, device=device)[None, :]
     mask = (key_positions <= query_positions)[None, None]
@@ -461,7 +461,7 @@ class LongMemForCausalLM(LongMemPreTrainedModel, GenerationMixin):
         if self.family.rotary is not None:
             positions = torch.arange(past, past + tokens, device=input_ids.device)[None].expand(batch, -1)
             rotary = self.family.rotary(hidden_states[0], positions)
-        local_mask = local_attention_mask(attention_mask, tokens, past)
+        local_mask = local_attention_mask(attention_mask, tokens, past, input_ids.device)
         hidden = hidden_states[0]
         for i, layer in enumerate(self.sidenet):
             hidden = layer(hidden, rotary, local_mask, past_key_values, bank if use_memory else None,
