@@ -1,20 +1,22 @@
 """Mixture-of-Transformers vs the dense model of the same active size, side by side in one run, on CPU.
 
 Part 1, speed: train-step time (forward + backward + fused AdamW step, and forward + backward alone: the
-optimizer step grows with MoT's K× parameters; gradients are zeroed in place, see `run_speed`), median of --steps after one warm-up, of
-MoT with 2 and 3 modalities as a ratio to the dense Llama of the same shape (hidden 512, seq 1024), steps
-interleaved so machine drift hits every model alike; and, for contrast, a naive MoT that runs every tower on
+optimizer step grows with MoT's K× parameters; gradients are zeroed in place, see `run_speed`), median of --steps
+after one warm-up, of MoT with 2 and 3 modalities as a ratio to the dense Llama of the same shape (hidden 512,
+seq 1024), at 1 and at 4 sequences per step (--batches), steps interleaved so machine drift hits every model alike; and, for contrast, a naive MoT that runs every tower on
 every token and keeps each token's own result. MoT runs Q/K/V and gate/up as one matmul per tower (Llama runs
 them separately): the K=1 row shows what that fusion alone is worth, so the K=2 and K=3 rows can be read net
 of it.
 
-Part 2, quality: dense and MoT (2 modalities: text bytes and 8×8 digit images, `peft_ext.models.mot.corpus`)
-trained on the same data, in the same order, for the same steps, at the same active size; per-modality
-validation loss curves (PNG), and the fraction of dense's steps at which MoT first reaches dense's final
-validation loss, per modality (the paper's anchor: 55.8% at 7B, Chameleon setting).
+Part 2, quality: dense and MoT (2 modalities: text bytes of gensim's news and Wikipedia paragraphs and 8×8 digit
+images, `peft_ext.models.mot.corpus`; the default 600 steps read 57% of the training blocks once, as the paper's
+runs see their data once) trained on the same data, in the same order, for the same steps, at the same active
+size; per-modality validation loss curves (PNG), and the fraction of dense's steps at which MoT first reaches
+dense's final validation loss, per modality (the paper's anchor: 55.8% at 7B, Chameleon setting). The curves do
+not depend on the device: `--quality-device cuda` gives the same experiment in seconds.
 
     python benchmarks/mot.py                 # both parts
-    python benchmarks/mot.py --part speed    # or --part quality [--quality-steps 600]
+    python benchmarks/mot.py --part speed    # or --part quality [--quality-steps 2000 --quality-device cuda]
 """
 
 from __future__ import annotations
@@ -69,17 +71,17 @@ def interleaved_modalities(batch: int, seq: int, num_modalities: int, generator:
     return ids
 
 
-def run_speed(args) -> None:
+def run_speed(args, batch: int) -> None:
     vocab = 1024
     gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    input_ids = torch.randint(0, vocab, (batch, args.seq), generator=gen)
     dense_cfg = LlamaConfig(vocab_size=vocab, **model_shape(args.hidden, args.layers, args.hidden // 64, 4096))
     torch.manual_seed(0)
     dense = LlamaForCausalLM(dense_cfg)
     models = {"dense": (dense, None, modeling_mot.ModalityRouter)}
     for k in (1, 2, 3):
         mot = peft_ext.MoTForCausalLM.from_dense(dense, num_modalities=k)
-        modality_ids = interleaved_modalities(args.batch, args.seq, k, gen)
+        modality_ids = interleaved_modalities(batch, args.seq, k, gen)
         models[f"MoT K={k}"] = (mot, modality_ids, modeling_mot.ModalityRouter)
         if k > 1:
             models[f"naive all-towers K={k}"] = (mot, modality_ids, NaiveAllTowersRouter)
@@ -106,7 +108,7 @@ def run_speed(args) -> None:
     modeling_mot.ModalityRouter = models["dense"][2]
     dense_s = statistics.median(times["dense"])
     dense_fb = statistics.median(fwd_bwd["dense"])
-    print(f"\n## Speed: hidden {args.hidden}, {args.layers} layers, batch {args.batch} × seq {args.seq}, CPU, "
+    print(f"\n## Speed: hidden {args.hidden}, {args.layers} layers, batch {batch} × seq {args.seq}, CPU, "
           f"{torch.get_num_threads()} threads, median of {args.steps} train steps\n")
     print("| model | non-embedding params | step s | step / dense | forward+backward / dense |")
     print("|---|---|---|---|---|")
@@ -118,7 +120,8 @@ def run_speed(args) -> None:
 
 
 def run_quality(args) -> None:
-    corpus = build_interleaved_corpus(seq_len=args.quality_seq)
+    corpus = build_interleaved_corpus(seq_len=args.quality_seq, text_sources=tuple(args.quality_text))
+    device = torch.device(args.quality_device)
     shape = model_shape(args.quality_hidden, args.quality_layers, args.quality_hidden // 64, 4096)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**shape, **InterleavedCorpus.config_kwargs()))
@@ -126,15 +129,17 @@ def run_quality(args) -> None:
     mot = peft_ext.MoTForCausalLM(peft_ext.MoTConfig(**shape, **InterleavedCorpus.config_kwargs(),
                                                      **InterleavedCorpus.mot_kwargs()))
     validation = corpus.validation[: args.quality_eval_blocks]
+    epochs = args.quality_steps * args.quality_batch / len(corpus.train)
     order = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(0))
     curves = {"dense": [], "MoT": []}
     for name, model in (("dense", dense), ("MoT", mot)):
+        model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.quality_lr, weight_decay=0.1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
         start = time.perf_counter()
         for step in range(1, args.quality_steps + 1):
             index = order[(step - 1) * args.quality_batch % len(order):][: args.quality_batch]
-            ids = corpus.train[index]
+            ids = corpus.train[index].to(device)
             model(input_ids=ids, labels=ids).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -146,6 +151,8 @@ def run_quality(args) -> None:
 
     print(f"\n## Quality: dense vs MoT, hidden {args.quality_hidden}, {args.quality_layers} layers, seq "
           f"{args.quality_seq}, batch {args.quality_batch}, {args.quality_steps} steps, same data and order\n")
+    print(f"text: {' + '.join(args.quality_text)}; {len(corpus.train):,} training blocks of {args.quality_seq} tokens, "
+          f"read {epochs:.2f} times; device {device}\n")
     print("| modality | dense final val loss | MoT final val loss | MoT reaches dense's final loss at | share of dense's steps |")
     print("|---|---|---|---|---|")
     for m, modality in enumerate(["text", "image"]):
@@ -181,7 +188,9 @@ def main() -> None:
     parser.add_argument("--part", choices=["speed", "quality", "all"], default="all")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4],
+                        help="sequences per train step, one speed table each: MoT's extra cost is per parameter (K× "
+                             "weights read, gradients and optimizer state), so its share falls as tokens per step grow")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quality-hidden", type=int, default=128)
@@ -192,10 +201,14 @@ def main() -> None:
     parser.add_argument("--quality-eval-every", type=int, default=50)
     parser.add_argument("--quality-eval-blocks", type=int, default=128)
     parser.add_argument("--quality-lr", type=float, default=3e-3)
+    parser.add_argument("--quality-text", nargs="+", default=["news", "wikipedia"], choices=["news", "wikipedia"],
+                        help="text sources of the corpus (both: under one pass over the data at the defaults)")
+    parser.add_argument("--quality-device", default="cpu", help="e.g. cuda: the curves do not depend on it")
     parser.add_argument("--plot", default="benchmarks/mot_quality.png")
     args = parser.parse_args()
     if args.part in ("speed", "all"):
-        run_speed(args)
+        for batch in args.batches:
+            run_speed(args, batch)
     if args.part in ("quality", "all"):
         run_quality(args)
 

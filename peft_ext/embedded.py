@@ -75,8 +75,8 @@ def _wiki_to_text(markup: str) -> str:
     return _WIKI_TAG.sub("", text).replace("'''", "").replace("''", "")  # bold and italic quote runs
 
 
-def wikipedia_paragraphs(limit: int = 600, min_chars: int = 200) -> list[str]:
-    """Up to `limit` prose paragraphs (at least `min_chars` long) of English Wikipedia articles, from the shortened
+def wikipedia_paragraphs(limit: int | None = 600, min_chars: int = 200) -> list[str]:
+    """Up to `limit` (None: all 4,129) prose paragraphs (at least `min_chars` long) of English Wikipedia articles, from the shortened
     2016 dump in gensim's test data (Anarchism, Autism, Abraham Lincoln, ...), in article order. References,
     templates, tags and link markup are removed; list items, tables, headings and file links are left out."""
     import bz2
@@ -97,6 +97,6 @@ def wikipedia_paragraphs(limit: int = 600, min_chars: int = 200) -> list[str]:
                 if (len(paragraph) >= min_chars and paragraph[0].isalnum()
                         and not any(mark in paragraph for mark in ("[[", "{{", "}}", "|"))):
                     paragraphs.append(paragraph)
-                    if len(paragraphs) >= limit:
+                    if limit is not None and len(paragraphs) >= limit:
                         return paragraphs
     return paragraphs
