@@ -95,6 +95,38 @@ def test_blocked_torch_search_equals_brute_force_with_unequal_streams(monkeypatc
     assert torch.equal(slots, brute_force_topk(bank, queries, 7))
 
 
+@pytest.mark.parametrize("width", [64 * 7, 1000, 4099])
+def test_two_stage_exact_topk_equals_torch_topk(width):
+    from peft_ext.models.longmem.memory_bank import TOPK_GROUP_SIZE, exact_topk
+
+    assert width // TOPK_GROUP_SIZE >= 4 * 7  # the grouped path, not the small-row fallback
+    generator = torch.Generator().manual_seed(width)
+    scores = torch.randn(3, 5, width, generator=generator)
+    scores[0, :, width // 2:] = float("-inf")  # a stream whose bank is half empty
+    scores[1, 0, -1] = 10.0  # the best score in the last column (a trailing one where the groups leave some)
+    ties = (torch.randn(2, width, generator=generator) * 2).round()  # many equal scores
+    for rows in (scores, ties):
+        values, indices = exact_topk(rows, 7)
+        expected = torch.topk(rows, 7, dim=-1).values
+        assert torch.equal(values, expected)
+        assert torch.equal(rows.gather(-1, indices), values)
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # 7 distinct columns per row
+
+
+def test_blocked_search_over_a_large_bank_equals_brute_force():
+    """Enough chunks (1,000, not a multiple of the group size) for the two-stage top-k, in unequal streams."""
+    torch.manual_seed(1)
+    bank = MemoryBank(spec(), 2)
+    token_mask = torch.ones(2, 4000, dtype=torch.bool)
+    token_mask[1, 2400:] = False
+    bank.write(torch.randn(2, 4000, 2, 8), torch.randn(2, 4000, 2, 8), token_mask=token_mask)
+    assert bank.num_chunks.tolist() == [1000, 600]
+    queries = torch.randn(2, 2, 9, 8)
+    slots, valid = bank.search(queries, 7)
+    assert valid.all()
+    assert torch.equal(slots, brute_force_topk(bank, queries, 7))
+
+
 def test_faiss_flat_equals_torch_and_hnsw_recall_is_reported():
     torch_bank = random_bank(chunks=200)
     queries = torch.randn(2, 2, 16, 8)
