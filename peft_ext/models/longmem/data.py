@@ -2,9 +2,10 @@
 
 Memory-augmented adaptation (§3 of the paper) reads each document as consecutive segments, so that by the time a
 segment is read, its row's bank holds that document's past. `DocumentStreams` lays documents out on `batch_size`
-parallel streams: row b of every batch is the next segment of stream b, and `new_document[b]` says that the segment
-starts a document (the model then empties row b's bank before reading it). Segments never span two documents; the
-last segment of a document is right-padded (attention_mask 0, labels −100).
+parallel streams (per process, when training on several): row b of every batch is the next segment of stream b,
+and `new_document[b]` says that the segment starts a document (the model then empties row b's bank before reading
+it). Segments never span two documents; the last segment of a document is right-padded (attention_mask 0,
+labels −100).
 
 The recall task (`RecallTask`) is synthetic but honest about what it measures: a block of key→value facts sits
 among thousands of distractor pairs, and the questions (the keys again, each to be followed by its value) come
@@ -23,54 +24,85 @@ PAD = 0
 
 
 class DocumentStreams(IterableDataset):
-    """Batches of consecutive segments of `documents` on `batch_size` parallel streams, for `Trainer`.
+    """Batches of consecutive segments of `documents` on `batch_size` parallel streams per process, for `Trainer`.
 
-    Each item is already a batch (dict of `input_ids`, `attention_mask`, `labels`, `new_document`); use it with
-    `per_device_train_batch_size=1` and `data_collator=collate_stream_batch`, and `max_steps` (the dataset is
-    iterable). Documents are dealt to the streams in order, each to the stream that has the fewest segments so far;
-    a stream that runs out of documents before the others restarts from the first document.
+    Each item is already one process's batch (dict of `input_ids`, `attention_mask`, `labels`, `new_document`); use it
+    with `per_device_train_batch_size=1` and `data_collator=collate_stream_batch`, and `max_steps` (the dataset is
+    iterable). There are `num_processes * batch_size` streams; stream `s` is row `s % batch_size` of process
+    `s // batch_size`. Documents are dealt to the streams in order, each to the stream that has the fewest segments so
+    far, so every document is read by one process, in one row, segment after segment, and the processes' banks hold
+    disjoint sets of documents. A stream that runs out of documents restarts from its first one; a stream that got
+    none reads the documents of its process's first stream.
+
+    Several processes: every process iterates the same sequence, which holds, for each step, one batch per process in
+    process order. Under `accelerate` (and so `Trainer`) with a per-device batch of 1 and `split_batches=False`,
+    sharding the iterable (`dispatch_batches=False`: each process keeps every `num_processes`-th item, its own) and
+    dispatching it (`dispatch_batches=True`: the main process concatenates `num_processes` items and sends each
+    process its rows) both hand process `p` exactly its own rows, in order. Building the other processes' batches
+    costs only slicing. With `split_batches=True` the per-device batch of 1 cannot be split: do not use it.
     """
 
     def __init__(self, documents: Sequence[torch.LongTensor], batch_size: int, segment_length: int,
-                 pad_token_id: int = PAD):
+                 pad_token_id: int = PAD, num_processes: int = 1):
         if batch_size < 1 or segment_length < 1:
             raise ValueError(f"`batch_size` and `segment_length` must be >= 1, got {batch_size} and {segment_length}.")
+        if num_processes < 1:
+            raise ValueError(f"`num_processes` must be >= 1, got {num_processes}.")
         if not documents:
             raise ValueError("`documents` is empty.")
+        if len(documents) < num_processes:
+            raise ValueError(f"{len(documents)} documents cannot give each of the {num_processes} processes its own "
+                             "documents: give at least one document per process.")
         self.documents = [torch.as_tensor(d, dtype=torch.long).flatten() for d in documents]
         if any(len(d) == 0 for d in self.documents):
             raise ValueError("Every document needs at least one token.")
         self.batch_size, self.segment_length, self.pad_token_id = batch_size, segment_length, pad_token_id
-        self.streams: list[list[int]] = [[] for _ in range(batch_size)]
-        lengths = [0] * batch_size
+        self.num_processes = num_processes
+        num_streams = num_processes * batch_size
+        self.streams: list[list[int]] = [[] for _ in range(num_streams)]
+        lengths = [0] * num_streams
+        # The first documents go to the processes' first streams, so that no process is left without documents.
+        order = [p * batch_size for p in range(num_processes)] + [
+            s for s in range(num_streams) if s % batch_size]
         for index, document in enumerate(self.documents):
-            row = min(range(batch_size), key=lengths.__getitem__)
-            self.streams[row].append(index)
-            lengths[row] += -(-len(document) // segment_length)
+            stream = min(order, key=lengths.__getitem__)
+            self.streams[stream].append(index)
+            lengths[stream] += -(-len(document) // segment_length)
 
-    def _segments(self, row: int) -> Iterator[tuple[torch.LongTensor, bool]]:
-        documents = self.streams[row] or self.streams[0]
+    def process_documents(self, process_index: int) -> list[list[int]]:
+        """Indices of the documents that each row of process `process_index` reads, in reading order."""
+        if not 0 <= process_index < self.num_processes:
+            raise ValueError(f"`process_index` must be in [0, {self.num_processes}), got {process_index}.")
+        first = process_index * self.batch_size
+        rows = self.streams[first:first + self.batch_size]
+        return [row or rows[0] for row in rows]
+
+    def _segments(self, documents: list[int]) -> Iterator[tuple[torch.LongTensor, bool]]:
         while True:
             for index in documents:
                 document = self.documents[index]
                 for start in range(0, len(document), self.segment_length):
                     yield document[start:start + self.segment_length], start == 0
 
+    def _batch(self, segments: list[tuple[torch.LongTensor, bool]]) -> dict[str, torch.Tensor]:
+        input_ids = torch.full((self.batch_size, self.segment_length), self.pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, (segment, _) in enumerate(segments):
+            input_ids[b, :len(segment)] = segment
+            attention_mask[b, :len(segment)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "new_document": torch.tensor([first for _, first in segments]),
+        }
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rows = [self._segments(row) for row in range(self.batch_size)]
+        processes = [[self._segments(documents) for documents in self.process_documents(p)]
+                     for p in range(self.num_processes)]
         while True:
-            segments = [next(row) for row in rows]
-            input_ids = torch.full((self.batch_size, self.segment_length), self.pad_token_id)
-            attention_mask = torch.zeros_like(input_ids)
-            for b, (segment, _) in enumerate(segments):
-                input_ids[b, :len(segment)] = segment
-                attention_mask[b, :len(segment)] = 1
-            yield {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "labels": input_ids.masked_fill(attention_mask == 0, -100),
-                "new_document": torch.tensor([first for _, first in segments]),
-            }
+            for rows in processes:
+                yield self._batch([next(row) for row in rows])
 
 
 def collate_stream_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

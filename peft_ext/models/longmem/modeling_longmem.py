@@ -225,8 +225,13 @@ class SideNetLayer(nn.Module):
             q, k, v, attn_mask=local_mask, is_causal=local_mask is None and tokens > 1, scale=self.scaling,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        if self.reads_memory and bank is not None and not bank.is_empty():
-            read, has_memory = memory_attention(memory_queries, bank, topk_chunks, self.scaling)
+        if self.reads_memory and bank is not None:
+            if bank.is_empty():
+                # Nothing to read; the gate stays in the graph (with a zero gradient), so that every process's
+                # backward produces the same gradients whatever its banks hold (DeepSpeed reduces them by bucket).
+                read, has_memory = torch.zeros_like(local), local.new_zeros(batch, 1, tokens, 1)
+            else:
+                read, has_memory = memory_attention(memory_queries, bank, topk_chunks, self.scaling)
             gate = torch.sigmoid(self.memory_gate)[None, :, None, None] * has_memory
             local = gate * read + (1 - gate) * local
         attended = self.out_proj(local.transpose(1, 2).reshape(batch, tokens, -1))
@@ -435,7 +440,8 @@ class LongMemForCausalLM(LongMemPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, past_key_values: DynamicCache | None = None,
                 use_cache: bool | None = None, use_memory: bool = True, update_memory: bool = True,
-                new_document: torch.BoolTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                new_document: torch.BoolTensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Read a segment: retrieve from each row's bank, predict, then write the segment into the bank.
 
         Args:
@@ -444,6 +450,8 @@ class LongMemForCausalLM(LongMemPreTrainedModel, GenerationMixin):
             use_memory: False reads no memory (the memory-augmented layer is then local attention only).
             update_memory: False leaves the bank unchanged (`generate` passes False).
             new_document: (batch,) bool; the banks of these rows are emptied before reading (document boundary).
+            num_items_in_batch: set by `Trainer`: the loss is then the sum over this batch's labelled tokens divided
+                by this count (their mean over all processes and accumulation steps).
         """
         batch, tokens = input_ids.shape
         bank = self._bank_for(batch) if (use_memory or update_memory) else None
@@ -472,7 +480,12 @@ class LongMemForCausalLM(LongMemPreTrainedModel, GenerationMixin):
             bank.write(keys, values, None if attention_mask is None else attention_mask[:, -tokens:])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # `Trainer` passes the labelled tokens of the whole (global, accumulated) batch: the loss is then their
+            # mean over all processes and accumulation steps, as Trainer expects of models that take loss kwargs
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: DynamicCache | None = None,
