@@ -14,6 +14,18 @@ it). Training images get box-preserving augmentations: horizontal flip, a random
 and brightness / contrast jitter. Evaluation reports COCO mAP (pycocotools, through peft-ext's offline `evaluate`
 module) before and after training. Every `TrainingArguments` flag works (`--max_steps`, `--learning_rate`,
 `--per_device_train_batch_size`, `--use_cpu`, ...), and so does `accelerate launch`.
+
+Several processes (data parallel; see the README's "Scaling out" for the DeepSpeed configs):
+
+    accelerate launch --multi_gpu --num_processes 8 examples/leyolo_train.py --sync_batch_norm ...   # GPUs
+    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 examples/leyolo_train.py \
+        --sync_batch_norm --use_cpu ...                                                             # CPU, gloo
+
+Each process normalizes its own images with its BatchNorms' batch statistics unless `--sync_batch_norm`, which
+computes them over the global batch (torch's `SyncBatchNorm` on CUDA, `DistributedBatchNorm2d` on CPU): at a few
+images per process the per-process statistics are noisy. The loss is normalized per process (by the sum of that
+process's target scores, as in YOLOv8), so N processes optimize the mean of N losses, each over one process's
+images, not the loss of the global batch taken as one.
 """
 
 from __future__ import annotations
@@ -28,7 +40,12 @@ import torch
 from PIL import Image
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from peft_ext.models.leyolo import LeYoloConfig, LeYoloForObjectDetection, LeYoloImageProcessor
+from peft_ext.models.leyolo import (
+    LeYoloConfig,
+    LeYoloForObjectDetection,
+    LeYoloImageProcessor,
+    convert_sync_batch_norm,
+)
 from peft_ext.models.leyolo.metrics import load_coco_map
 from peft_ext.models.leyolo.tour import DETECTION_CLASSES, skimage_detection_set
 
@@ -44,6 +61,7 @@ class ScriptArguments:
     min_crop: float = field(default=0.6, metadata={"help": "Random crops keep at least this share of each side."})
     augment: bool = field(default=True, metadata={"help": "Box-preserving augmentations on the training images."})
     score_threshold: float = field(default=0.001, metadata={"help": "Detection threshold for the mAP evaluation."})
+    sync_batch_norm: bool = field(default=False, metadata={"help": "BatchNorm statistics over all processes' images."})
 
     def __post_init__(self):
         if (self.annotations_file is None) != (self.images_dir is None):
@@ -169,6 +187,8 @@ def main(argv=None):
         )  # fmt: skip
     else:
         model = LeYoloForObjectDetection(LeYoloConfig.from_variant(args.variant, id2label=id2label))
+    if args.sync_batch_norm:
+        model = convert_sync_batch_norm(model, training_args.device)
     processor = LeYoloImageProcessor(size=args.image_size)
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True

@@ -3,17 +3,22 @@
     python examples/mixda_two_stage.py --output_dir out/mixda                       # all-MiniLM-L6-v2, offline
     python examples/mixda_two_stage.py --model_name_or_path roberta-large --layers 7,11 --bottleneck_size 256 \\
         --domain_steps 2000 --max_steps 500 --output_dir out/mixda
+    python examples/mixda_two_stage.py --domain_adapters_dir out/mixda/domains --output_dir out/task2   # stage 2 only
     accelerate launch examples/mixda_two_stage.py ...                              # any accelerate setup
+    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 examples/mixda_two_stage.py --use_cpu ...
 
 Stage 1 trains one domain adapter per domain with `MixDADomainTrainer` (0.5 · MLM on the domain + the L2 term on
 general text) and saves it to `<output_dir>/domains/<name>`: each is a PEFT adapter of its own. Stage 2 loads
 them frozen with `MixDAModel.for_task`, trains the gate, the task adapter and the head with `Trainer` on
 `--shots_per_class` labelled sentences per class, and saves `<output_dir>/task`. Every `TrainingArguments`
 flag applies to stage 2 (`--max_steps`, `--learning_rate`, ...); stage 1 uses the same ones with
-`--domain_steps` steps. The data: domains "news" (Lee corpus) and "wiki" (English Wikipedia), each using the
-other as general text; the task is Pang & Lee review polarity (all from gensim's test data,
-`pip install "peft-ext[tour]"`). A model without an MLM head (all-MiniLM-L6-v2) gets a new head transform,
-trained with the adapter in stage 1; the decoder is tied to the word embeddings.
+`--domain_steps` steps; `--domain_adapters_dir` skips stage 1 and mixes adapters saved before (in
+`<dir>/<domain>`, as stage 1 writes them). Under several processes (DDP or DeepSpeed) the gate, the task adapter
+and the head are the parameters that train and synchronize; the domain adapters are frozen buffers. The data:
+domains "news" (Lee corpus) and "wiki" (English Wikipedia), each using the other as general text; the task is
+Pang & Lee review polarity (all from gensim's test data, `pip install "peft-ext[tour]"`). A model without an MLM
+head (all-MiniLM-L6-v2) gets a new head transform, trained with the adapter in stage 1; the decoder is tied to
+the word embeddings.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class ScriptArguments:
     gate_granularity: str = field(default="sequence", metadata={"help": "token or sequence."})
     shots_per_class: int = field(default=16, metadata={"help": "Labelled training sentences per class."})
     max_length: int = field(default=64, metadata={"help": "Tokens per stage-1 example."})
+    domain_adapters_dir: str | None = field(default=None, metadata={
+        "help": "Saved stage-1 adapters (`<dir>/<domain>`, e.g. an earlier `<output_dir>/domains`): skip stage 1."})
 
     def __post_init__(self):
         self.domain_names = [d.strip() for d in self.domains.split(",") if d.strip()]
@@ -92,10 +99,17 @@ def main() -> None:
     args, training_args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
     set_seed(training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    folders = train_domains(args, training_args, tokenizer)
+    if args.domain_adapters_dir is None:
+        folders = train_domains(args, training_args, tokenizer)
+    else:
+        folders = {name: os.path.join(args.domain_adapters_dir, name) for name in args.domain_names}
 
     set_seed(training_args.seed)  # the new head starts the same whatever stage 1 drew
     base = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=2)
+    # Its loss is the batch's mean and ignores `num_items_in_batch`; `Trainer` takes a forward with **kwargs for
+    # one that divides by the global count and multiplies the loss by the number of processes to make up for it,
+    # which would double the gradients on 2 processes.
+    base.accepts_loss_kwargs = False
     model = MixDAModel.for_task(base, folders, gate_kind=args.gate_kind, gate_granularity=args.gate_granularity)
     model.print_trainable_parameters()
     train, test = few_shot_split(training_args.seed, args.shots_per_class)

@@ -12,15 +12,18 @@ from .modeling_leyolo import (
     LeYoloPreTrainedModel,
     count_gflops,
 )
+from .sync_batch_norm import DistributedBatchNorm2d, convert_sync_batch_norm
 
 __all__ = [
     "COCO_LABELS",
+    "DistributedBatchNorm2d",
     "LeYoloConfig",
     "LeYoloForObjectDetection",
     "LeYoloImageProcessor",
     "LeYoloModel",
     "LeYoloObjectDetectionOutput",
     "LeYoloPreTrainedModel",
+    "convert_sync_batch_norm",
     "count_gflops",
 ]
 

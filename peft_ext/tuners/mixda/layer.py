@@ -127,7 +127,8 @@ class MixDALayer(BaseTunerLayer):
             nn.init.zeros_(gate.weight)
             nn.init.zeros_(gate.bias)
             self.mixda_gate[adapter_name] = gate
-            self.mixda_gate_scale[adapter_name] = nn.Parameter(torch.zeros(()))
+            # shape (1,), not (): DeepSpeed cannot flatten 0-dim parameters
+            self.mixda_gate_scale[adapter_name] = nn.Parameter(torch.zeros(1))
             self.gate_kind[adapter_name] = config.gate_kind
             self.gate_granularity[adapter_name] = config.gate_granularity
             task_size = max(1, self.out_features // config.task_reduction_factor)
