@@ -33,6 +33,20 @@ def assert_close_across_devices(on_gpu: torch.Tensor, on_cpu: torch.Tensor, atol
     torch.testing.assert_close(on_gpu.float().cpu(), on_cpu.float(), rtol=1e-4, atol=atol)
 
 
+def train_on_one_batch(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """The losses of 20 AdamW steps (lr 0.05) on one batch of token ids, under CUDA autocast if a dtype is given."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(20):
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def nola_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if hasattr(m, "nola_factors")}
 
@@ -67,15 +81,7 @@ def test_nola_trains_in_bf16_on_gpu_and_the_adapter_loads_on_cpu(tmp_path):
     model = get_peft_model(tiny_llama().to(CUDA), NolaConfig(r=2, num_basis_A=32, num_basis_B=32,
                                                              target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(0, 100, (8, 16), device=CUDA)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(20):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_one_batch(model, ids, autocast_dtype=torch.bfloat16)
     assert losses[-1] < losses[0] - 0.1, losses
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
@@ -100,15 +106,7 @@ def test_nola_on_a_4bit_base_trains_on_gpu(tmp_path):
     model = get_peft_model(base, NolaConfig(r=4, num_basis_A=64, num_basis_B=64, target_modules=["q_proj", "v_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
-    ids = torch.randint(0, 100, (8, 16), device=CUDA)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(20):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_one_batch(model, torch.randint(0, 100, (8, 16), device=CUDA))
     assert losses[-1] < losses[0] - 0.1, losses
     assert all("nola_coef_" in n for n, p in model.named_parameters() if p.requires_grad)
 
