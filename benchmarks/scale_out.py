@@ -5,7 +5,7 @@ median of --repeats runs) at the same per-device batch, and its ratio to 1 proce
 machines expect little speed-up: two processes share the two cores, and each step adds a gradient all-reduce.
 The point of `tests/test_scale_out.py` is that the engines train the same; this table says what they cost.
 
-    python benchmarks/scale_out.py [--methods nola mot mixda leyolo] [--engines ddp zero2 zero3] [--repeats 3]
+    python benchmarks/scale_out.py [--methods nola mot mixda leyolo longmem] [--engines ddp zero2 zero3] [--repeats 3]
 
 The commands are the tests' (`EXAMPLE_CASES`), with more steps.
 """

@@ -1,6 +1,8 @@
-"""Checks shared by the PEFT configs of peft-ext: each names the bad field and the allowed values."""
+"""Checks shared by the PEFT tuners of peft-ext: each names the bad field (or layer) and what is allowed."""
 
 from __future__ import annotations
+
+from peft.tuners.tuners_utils import _get_in_out_features
 
 
 def check_positive_int(name: str, value) -> None:
@@ -33,3 +35,12 @@ def normalize_module_targets(config) -> None:
         raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError("`layers_pattern` needs `layers_to_transform`; set both or neither.")
+
+
+def base_layer_features(tuner_layer, method: str) -> tuple[int, int]:
+    """(in_features, out_features) of a tuner layer's base layer; a layer type without them is refused by name."""
+    base_layer = tuner_layer.get_base_layer()
+    in_features, out_features = _get_in_out_features(base_layer)
+    if in_features is None or out_features is None:
+        raise TypeError(f"{method} does not support layers of type {type(base_layer).__name__}.")
+    return in_features, out_features

@@ -51,6 +51,17 @@ def run(command: list[str], processes: int, engine: str | None = None) -> subpro
     return result
 
 
+def run_script(script: str, *args: str, processes: int = 1) -> None:
+    """A test script on 1 process (plain python) or on `processes` under torchrun (plain torch.distributed)."""
+    if processes == 1:
+        command = [sys.executable, script, *args]
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        command = [torchrun, "--standalone", "--nproc_per_node", str(processes), script, *args]
+    result = subprocess.run(command, env=scale_out.launch_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.fixture(scope="session")
 def example_folders(tiny_llama_dir, tmp_path_factory):
     """case -> the local folders its arguments name, each built once per session."""
@@ -79,8 +90,6 @@ def one_process_reference(method: str, example_folders, tmp_path_factory) -> tup
     return reference, untrained, float(loss_file.read_text())
 
 
-# DeepSpeed 0.19.8 broadcasts every parameter as `p.data.view(torch.uint8)` at start-up, which a 0-dim parameter
-# (MixDA's gate scale, shape ()) cannot do: "self.dim() cannot be 0 to view Float as Byte". Strict: a fix shows.
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", scale_out.ENGINES)
 @pytest.mark.parametrize("method", list(scale_out.EXAMPLE_CASES))
@@ -164,11 +173,7 @@ def test_distributed_batch_norm_on_two_gloo_processes_is_batch_norm_on_the_full_
     spec = importlib.util.spec_from_file_location("sync_batch_norm_ranks", ROOT / "tests" / "scripts" / "sync_batch_norm_ranks.py")
     ranks_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ranks_script)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "scripts" / "sync_batch_norm_ranks.py"), str(tmp_path)],
-                            env=scale_out.launch_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(str(ROOT / "tests" / "scripts" / "sync_batch_norm_ranks.py"), str(tmp_path), processes=2)
     ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     inputs, weights, affine = ranks_script.full_batches()
     reference = torch.nn.BatchNorm2d(ranks_script.CHANNELS, momentum=0.1)
@@ -225,14 +230,8 @@ def test_mot_fully_shard_per_decoder_layer_trains_like_one_process(tmp_path):
     """PyTorch FSDP2 on 2 CPU processes, one unit per `_no_split_modules` layer: every tower of a layer is in
     that layer's unit, and 3 steps give the weights of unsharded 1-process training on the same global batch."""
     script = str(ROOT / "tests" / "scripts" / "mot_fsdp_train.py")
-    env = scale_out.launch_env()
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-4000:]
+    run_script(script, str(tmp_path / "one"))
+    run_script(script, str(tmp_path / "two"), processes=2)
 
     one_losses = json.loads((tmp_path / "one" / "report.json").read_text())["losses"]
     assert one_losses[-1] < one_losses[0]  # the steps do train

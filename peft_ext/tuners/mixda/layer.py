@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from peft_ext.validation import base_layer_features
 
 from .config import MixDAConfig
 
@@ -97,11 +99,7 @@ class MixDALayer(BaseTunerLayer):
         self.forward_context = forward_context
         self._disable_adapters = False
         self.merged_adapters = []
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
-        if in_features is None or out_features is None:
-            raise TypeError(f"MixDA does not support layers of type {type(self.get_base_layer()).__name__}.")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = base_layer_features(self, "MixDA")
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: MixDAConfig, inference_mode: bool = False, **kwargs) -> None:

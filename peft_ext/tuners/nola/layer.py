@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
+
+from peft_ext.validation import base_layer_features
 
 from .config import NolaConfig
 
@@ -150,11 +152,7 @@ class NolaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
 
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
-        if in_features is None or out_features is None:
-            raise TypeError(f"NOLA does not support layers of type {type(self.get_base_layer()).__name__}.")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = base_layer_features(self, "NOLA")
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: NolaConfig, module_name: str, inference_mode: bool = False,
