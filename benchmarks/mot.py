@@ -3,7 +3,8 @@
 Part 1, speed: train-step time (forward + backward + fused AdamW step, and forward + backward alone: the
 optimizer step grows with MoT's K× parameters; gradients are zeroed in place, see `run_speed`), median of --steps
 after one warm-up, of MoT with 2 and 3 modalities as a ratio to the dense Llama of the same shape (hidden 512,
-seq 1024), at 1 and at 4 sequences per step (--batches), steps interleaved so machine drift hits every model alike; and, for contrast, a naive MoT that runs every tower on
+seq 1024), at 1 and at 4 sequences per step (--batches); the models take turns step by step, so machine drift
+hits every model alike, in an order flipped every step. For contrast, a naive MoT that runs every tower on
 every token and keeps each token's own result. MoT runs Q/K/V and gate/up as one matmul per tower (Llama runs
 them separately): the K=1 row shows what that fusion alone is worth, so the K=2 and K=3 rows can be read net
 of it.
@@ -91,8 +92,11 @@ def run_speed(args, batch: int) -> None:
                   for name, (model, _, _) in models.items()}
     times = {name: [] for name in models}
     fwd_bwd = {name: [] for name in models}
+    names = list(models)
     for step in range(args.steps + 1):
-        for name, (model, modality_ids, router) in models.items():
+        # The order flips every step: a model's time can depend on what ran just before it (caches, allocator).
+        for name in names if step % 2 == 0 else names[::-1]:
+            model, modality_ids, router = models[name]
             modeling_mot.ModalityRouter = router  # MoTModel.forward builds its router from this name
             extra = {} if modality_ids is None else {"modality_ids": modality_ids}
             start = time.perf_counter()

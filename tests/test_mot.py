@@ -277,6 +277,46 @@ def test_router_groups_and_restores_the_order():
     assert blocks[1].data_ptr() == x.data_ptr() and single.combine(blocks).data_ptr() == x.data_ptr()  # nothing moves
 
 
+class EveryTowerOnEveryToken(peft_ext.models.mot.ModalityRouter):
+    """The reference for the routing: every tower computes on all tokens, and each token then keeps the output of
+    its own modality's tower (K times the compute, no grouping)."""
+
+    def dispatch(self, x):
+        tokens = x.reshape(self.num_tokens, *x.shape[2:])
+        return [tokens] * self.num_modalities
+
+    def combine(self, blocks):
+        modality = self.modality_ids.reshape(-1)
+        own = torch.stack(blocks)[modality, torch.arange(self.num_tokens)]
+        return own.reshape(*self.batch_shape, *own.shape[1:])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qk_norm": True, "norm_placement": "post_branch"}])
+def test_routed_model_equals_every_tower_on_every_token(overrides, monkeypatch):
+    model = tiny_mot(num_modalities=3, modality_vocab_ranges=None, **overrides).train()
+    with torch.no_grad():  # norms that differ per tower, so that a norm applied to the wrong rows shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    input_ids, modality_ids = torch.randint(0, 100, (2, 8)), random_mix(3, (2, 8), seed=4)
+    routed = model(input_ids, modality_ids=modality_ids)
+    routed.logits.square().mean().backward()
+    routed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def reference_router(ids, num_modalities):
+        router = EveryTowerOnEveryToken(ids, num_modalities)
+        router.modality_ids = ids
+        return router
+
+    monkeypatch.setattr(peft_ext.models.mot.modeling_mot, "ModalityRouter", reference_router)
+    reference = model(input_ids, modality_ids=modality_ids)
+    reference.logits.square().mean().backward()
+    torch.testing.assert_close(routed.logits, reference.logits, rtol=0, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(routed_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # -- (5) generation -------------------------------------------------------------------------------------------
 
 
@@ -429,6 +469,9 @@ def test_loss_per_modality_matches_a_hand_computation():
         mask = valid & (target_modality == m)
         torch.testing.assert_close(out.loss_per_modality[m], F.cross_entropy(logits[mask], targets[mask]))
     assert torch.isnan(out.loss_per_modality[2])
+    # Trainer's num_items_in_batch (gradient accumulation, several processes): the summed loss divided by it.
+    summed = F.cross_entropy(logits[valid], targets[valid], reduction="sum")
+    torch.testing.assert_close(model(input_ids, labels=labels, num_items_in_batch=40).loss, summed / 40)
     out.loss_per_modality[:2].sum().backward()  # differentiable
     assert model.lm_head.weight.grad is not None
 

@@ -13,9 +13,9 @@ Routing without wasted compute: `ModalityRouter` sorts the tokens by modality on
 argsort), so that the tokens of each modality form one block; every per-modality module
 (`ModalityModuleList`) then runs one matmul on its block only. A layer gathers its input into per-modality
 blocks once and stays in them through the norms, projections, residuals and FFN; only the attention core
-(which mixes all tokens) runs in sequence order, so Q, K, V are scattered back (`index_copy_` into a
-preallocated tensor) and the attention output is gathered again. With a single modality present, the order is
-the identity and nothing moves at all. Untied modules never concatenate; a tied (shared) module concatenates
+(which mixes all tokens) runs in sequence order, so Q, K, V (side by side, one tensor) are scattered back
+(`index_copy_` into a preallocated tensor) and the attention output is gathered again. With a single modality
+present, the order is the identity and nothing moves at all. Untied modules never concatenate; a tied (shared) module concatenates
 the blocks to run once on all tokens.
 
 This file is copied next to the weights by `save_pretrained` (for `trust_remote_code=True`), so it imports only
@@ -150,26 +150,25 @@ def _is_plain_linear(module: nn.Module) -> bool:
             and not module._forward_pre_hooks)
 
 
-def fused_projections(projections: list[ModalityModuleList], blocks: Blocks) -> list[Blocks]:
-    """Several projections that read the same blocks (Q, K and V; gate and up) as one matmul per tower.
+def fused_projections(projections: list[ModalityModuleList], blocks: Blocks) -> Blocks:
+    """Several projections that read the same blocks (Q, K and V) as one matmul per tower, outputs side by side.
 
     Each tower's weights are concatenated along the output features, y = x [W_1; W_2; ...]^T, a copy that is
     small next to the matmul; each block is then read once and the matmuls per tower drop from 7 to 4 per layer
-    (attention + FFN), which matters because every tower sees only a fraction of the tokens. The parameters stay
+    (attention + FFN), which matters because every tower sees only a fraction of the tokens. The outputs stay side
+    by side, (tokens, sum of out_features), so that they go back to sequence order in one move. The parameters stay
     where they are (`q_proj.<m>.weight`, ...), so checkpoints and `from_dense` are unchanged. Where a projection is
-    not a plain `nn.Linear`, each runs its own forward instead.
+    not a plain `nn.Linear`, each runs its own forward and the outputs are concatenated.
     """
     if not all(_is_plain_linear(tower) for projection in projections for tower in projection):
-        return [projection(blocks) for projection in projections]
-    sizes = [projection[0].out_features for projection in projections]
+        outputs = [projection(blocks) for projection in projections]
+        return [None if parts[0] is None else torch.cat(parts, dim=-1) for parts in zip(*outputs)]
 
     def tower(t: int) -> Callable[[torch.Tensor], torch.Tensor]:
         # Concatenated when called: a tower whose modality has no token in the batch costs nothing.
         return lambda x: F.linear(x, torch.cat([projection[t].weight for projection in projections]))
 
-    outputs = apply_towers([tower(t) for t in range(len(projections[0]))], blocks)
-    split = [[None] * len(projections) if block is None else block.split(sizes, dim=-1) for block in outputs]
-    return [list(parts) for parts in zip(*split)]
+    return apply_towers([tower(t) for t in range(len(projections[0]))], blocks)
 
 
 def modality_ids_from_vocab(input_ids: torch.LongTensor, config: MoTConfig) -> torch.LongTensor:
@@ -262,9 +261,21 @@ class MoTAttention(nn.Module):
         self.k_proj = projections(config.hidden_size, kv_size)
         self.v_proj = projections(config.hidden_size, kv_size)
         self.o_proj = projections(q_size, config.hidden_size)
+        self.qkv_sizes = [q_size, kv_size, kv_size]
         # QK-norm: an RMSNorm over each head's queries and keys, before RoPE (as in Chameleon, OLMo 2, Qwen3).
         self.q_norm = _norms(config, self.head_dim) if config.qk_norm else None
         self.k_norm = _norms(config, self.head_dim) if config.qk_norm else None
+
+    def _qk_norm(self, qkv: Blocks) -> Blocks:
+        """Each modality's QK-norm on its own blocks' query and key heads; the blocks stay Q, K, V side by side."""
+        parts = map_blocks(lambda block: block.split(self.qkv_sizes, dim=-1), qkv)
+
+        def heads(index: int) -> Blocks:
+            return [None if part is None else part[index].unflatten(-1, (-1, self.head_dim)) for part in parts]
+
+        queries, keys = self.q_norm(heads(0)), self.k_norm(heads(1))
+        return map_blocks(lambda q, k, part: torch.cat([q.flatten(-2), k.flatten(-2), part[2]], dim=-1),
+                          queries, keys, parts)
 
     def forward(
         self,
@@ -275,22 +286,15 @@ class MoTAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[Blocks, torch.Tensor | None]:
-        # Per modality: (tokens, hidden) -> (tokens, heads, head_dim), each tower on its own tokens.
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (-1, self.head_dim))
-
-        query_states, key_states, value_states = (
-            map_blocks(heads, states)
-            for states in fused_projections([self.q_proj, self.k_proj, self.v_proj], hidden_states)
-        )
+        # Per modality: Q, K and V side by side, each tower on its own tokens; then back to sequence order in one move,
+        # (batch, seq_len, q + k + v): from here on nothing depends on modality.
+        qkv = fused_projections([self.q_proj, self.k_proj, self.v_proj], hidden_states)
         if self.q_norm is not None:
-            query_states = self.q_norm(query_states)
-            key_states = self.k_norm(key_states)
-
-        # Back to sequence order, (batch, heads, seq_len, head_dim): from here on nothing depends on modality.
-        query_states = router.combine(query_states).transpose(1, 2)
-        key_states = router.combine(key_states).transpose(1, 2)
-        value_states = router.combine(value_states).transpose(1, 2)
+            qkv = self._qk_norm(qkv)
+        query_states, key_states, value_states = (
+            states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+            for states in router.combine(qkv).split(self.qkv_sizes, dim=-1)
+        )
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -658,8 +662,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
 
         loss = loss_per_modality = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss_per_modality = self._loss_per_modality(logits, labels, modality_ids)
+            loss, loss_per_modality = self._losses(logits, labels, modality_ids, kwargs.get("num_items_in_batch"))
 
         return MoTCausalLMOutputWithPast(
             loss=loss,
@@ -670,23 +673,27 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             loss_per_modality=loss_per_modality,
         )
 
-    def _loss_per_modality(self, logits: torch.Tensor, labels: torch.LongTensor,
-                           modality_ids: torch.LongTensor) -> torch.Tensor:
-        # Shift as Llama's loss does: position t predicts token t + 1, whose modality is the target's modality.
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:].to(shift_logits.device)
-        target_modality = modality_ids[:, 1:].to(shift_logits.device).reshape(-1)
-        per_token = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
-            reduction="none",
-        )
-        valid = shift_labels.reshape(-1) != -100
+    def _losses(self, logits: torch.Tensor, labels: torch.LongTensor, modality_ids: torch.LongTensor,
+                num_items_in_batch: int | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language-modeling loss as Llama's (`ForCausalLMLoss`: shifted targets, -100 ignored, divided by
+        `num_items_in_batch` when `Trainer` gives it, else the mean) and the mean loss per modality, from one
+        cross-entropy over the vocabulary (the log-softmax over the logits is the costly part)."""
+        # Position t predicts token t + 1, whose modality is the target's modality; the last position has no target.
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device).reshape(-1)
+        target_modality = F.pad(modality_ids, (0, 1))[:, 1:].to(logits.device).reshape(-1)
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
+                                    reduction="none")
+        valid = targets != -100
+        if num_items_in_batch is None:
+            loss = per_token.sum() / valid.sum()
+        else:
+            loss = per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
         target_modality = target_modality[valid]
         num_modalities = self.config.num_modalities
         # index_add keeps the sums differentiable; a modality without targets gives 0 / 0 = NaN.
         sums = per_token.new_zeros(num_modalities).index_add(0, target_modality, per_token[valid])
         counts = torch.bincount(target_modality, minlength=num_modalities).to(sums.dtype)
-        return sums / counts
+        return loss, sums / counts
 
     def prepare_inputs_for_generation(
         self,
