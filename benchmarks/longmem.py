@@ -21,6 +21,8 @@ of the bank, which departs from the paper's single pass over a corpus:
      With 16, a question whose fact chunk is not retrieved gives its query no gradient, and in the prototypes the
      answer loss then lowered the hit rate (results_longmem_run1.md); with 256 the fact's chunk is almost always
      among the retrieved ones, and the answer loss contrasts it with the 255 most similar distractor chunks.
+     (`--freeze-query-after-reading --train-topk-chunks 16 --chunk-size 4` is run 1's recipe: the query frozen
+     after the reading stage instead.)
 AdamW lr 3e-3, batches of 8 documents, gate logit initialized at 0 (σ(g) = ½, as in the official code). Evaluation
 on unseen documents with facts 4k, 8k, 16k and 32k tokens back (never seen in training); the local window is the
 8-token question segment:
@@ -105,12 +107,12 @@ def backbone_config(args) -> LlamaConfig:
                        pad_token_id=0)
 
 
-def pretrain_backbone(args, device: torch.device) -> tuple[LlamaForCausalLM, float]:
+def pretrain_backbone(args) -> tuple[LlamaForCausalLM, float]:
     """A tiny Llama trained from scratch on three toy sources at once: the skip-bigram language, in-context
     associative recall (8 facts, then all 8 keys again, each followed by its value), and the same with
     `--pretrain-distractor-tokens` of distractor pairs between facts and questions."""
     torch.manual_seed(args.seed)
-    backbone = LlamaForCausalLM(backbone_config(args)).to(device)
+    backbone = LlamaForCausalLM(backbone_config(args))
     recall = dataclasses.replace(TASK, num_questions=TASK.num_facts)
     distractor_tokens = args.pretrain_distractor_tokens
 
@@ -123,7 +125,7 @@ def pretrain_backbone(args, device: torch.device) -> tuple[LlamaForCausalLM, flo
     for _ in range(args.pretrain_steps):
         batches = (skip_bigram_batch(generator, 16), recall.in_context_batch(generator, 32),
                    with_distractors(generator, args.pretrain_distractor_batch))
-        loss = sum(backbone(input_ids=ids.to(device), labels=labels.to(device)).loss for ids, labels in batches)
+        loss = sum(backbone(input_ids=ids, labels=labels).loss for ids, labels in batches)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
         optimizer.step()
@@ -131,7 +133,7 @@ def pretrain_backbone(args, device: torch.device) -> tuple[LlamaForCausalLM, flo
     backbone.eval()
     with torch.no_grad():
         ids, labels = with_distractors(torch.Generator().manual_seed(args.seed + 1), 256)
-        in_context = answer_accuracy(backbone(ids.to(device)).logits.cpu(), labels)
+        in_context = answer_accuracy(backbone(ids).logits, labels)
     return backbone, in_context
 
 
@@ -191,17 +193,16 @@ def adaptation_batch(generator: torch.Generator, batch: int, distance: int, chun
     return TASK.long_range_batch(generator, batch, span, FACT_REGION)
 
 
-def adapt(lm: LongMemForCausalLM, stages: list[tuple[int, int]], args) -> list[float]:
+def adapt(lm: LongMemForCausalLM, stages: list[tuple[int, int]], args) -> None:
     """Memory-augmented adaptation of the SideNet, stage by stage: (distance, steps) pairs (see `adaptation_batch`).
     Every document is memorized by the frozen backbone in 64-token segments; the question segment, the only one with
-    labels, is the one trained on. Returns the mean answer loss of each stage's last 50 steps."""
+    labels, is the one trained on. Prints the mean answer loss of each stage's last 50 steps."""
     trainable = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.adapt_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed + 2)
     memory_layer = lm.sidenet[lm.config.sidenet_memory_layer]
     evaluation_topk = lm.config.topk_chunks
     lm.train()
-    stage_losses = []
     for distance, steps in stages:
         # Wider retrieval while training on large banks (see the module docstring); the reading stage's banks are
         # retrieved whole anyway.
@@ -223,18 +224,16 @@ def adapt(lm: LongMemForCausalLM, stages: list[tuple[int, int]], args) -> list[f
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        stage_losses.append(statistics.mean(losses[-50:]))
         where = "reading stage" if distance == 0 else f"facts {distance:,}–{2 * distance + FACT_REGION:,} tokens back"
-        print(f"  adaptation, {where}: {steps} steps, answer loss {stage_losses[-1]:.3f} (chance "
+        print(f"  adaptation, {where}: {steps} steps, answer loss {statistics.mean(losses[-50:]):.3f} (chance "
               f"{math.log(TASK.num_values):.3f})", flush=True)
     lm.config.topk_chunks = evaluation_topk
     lm.eval()
-    return stage_losses
 
 
 def recall_part(args) -> None:
     part_start = start = time.perf_counter()
-    backbone, in_context = pretrain_backbone(args, torch.device("cpu"))
+    backbone, in_context = pretrain_backbone(args)
     pretrain_seconds = time.perf_counter() - start
     lm = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(memory_size=65536, chunk_size=args.chunk_size,
                                                                   topk_chunks=16, gate_init=args.gate_init))
@@ -263,9 +262,9 @@ def recall_part(args) -> None:
     print("\n## Long-range recall (facts far outside the local window)\n")
     print(f"backbone: tiny Llama ({args.backbone_layers} layers, hidden {args.backbone_hidden}, {args.backbone_heads} "
           f"heads of {args.backbone_head_dim} / {args.backbone_kv_heads} key-value heads, {frozen:,} parameters, "
-          "frozen), pretrained here "
-          f"for {args.pretrain_steps} steps ({pretrain_seconds:.0f} s); its in-context recall (facts, "
-          f"{args.pretrain_distractor_tokens} distractor tokens and questions in one window): {in_context:.1%}")
+          f"frozen), pretrained here for {args.pretrain_steps} steps ({pretrain_seconds:.0f} s); its in-context "
+          f"recall (facts, {args.pretrain_distractor_tokens} distractor tokens and questions in one window): "
+          f"{in_context:.1%}")
     print(f"adaptation: SideNet only ({trainable:,} parameters), {args.adapt_batch} documents per step: {curriculum}; "
           f"AdamW lr {args.adapt_lr}, gate init {args.gate_init} ({adapt_seconds:.0f} s)")
     print(f"reading check: with only the 8 facts in the bank (retrieval cannot miss), accuracy {facts_only:.1%}")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_longmem import LongMemConfig
@@ -480,12 +481,9 @@ class LongMemForCausalLM(LongMemPreTrainedModel, GenerationMixin):
             bank.write(keys, values, None if attention_mask is None else attention_mask[:, -tokens:])
         loss = None
         if labels is not None:
-            # `Trainer` passes the labelled tokens of the whole (global, accumulated) batch: the loss is then their
-            # mean over all processes and accumulation steps, as Trainer expects of models that take loss kwargs
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                                   reduction="mean" if num_items_in_batch is None else "sum")
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
+            # Llama's loss: with `Trainer`'s count of the labelled tokens of the whole (global, accumulated) batch,
+            # their mean over all processes and accumulation steps, as Trainer expects of models that take loss kwargs
+            loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: DynamicCache | None = None,
