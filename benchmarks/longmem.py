@@ -15,9 +15,9 @@ Memory-augmented adaptation trains the SideNet only. Each document is memorized 
 segments) and the question segment, the only one with labels, is trained on. The recipe is a curriculum on the size
 of the bank, which departs from the paper's single pass over a corpus:
   1. reading stage (`--reading-steps`, 300): the facts followed by a few distractor tokens, so that a bank holds at
-     most 16 chunks and the top-16 retrieval returns all of them: every question trains the read-out;
+     most 16 chunks and the retrieval returns all of them: every question trains the read-out;
   2. stages of `--stage-steps` (150) with facts d to 2d+64 tokens back for d in `--curriculum` (64, 256, 1024),
-     retrieving the top `--train-topk-chunks` (256) chunks per token and head while training, 16 at evaluation.
+     retrieving the top `--train-topk-chunks` (256) chunks per token and head while training, 32 at evaluation.
      With 16, a question whose fact chunk is not retrieved gives its query no gradient, and in the prototypes the
      answer loss then lowered the hit rate (results_longmem_run1.md); with 256 the fact's chunk is almost always
      among the retrieved ones, and the answer loss contrasts it with the 255 most similar distractor chunks.
@@ -31,8 +31,9 @@ on unseen documents with facts 4k, 8k, 16k and 32k tokens back (never seen in tr
   - the bare backbone on the question segment;
   - the retrieval's own hit rate (is the answer among the pairs retrieved for the question's key?).
 The LongMem settings are the paper's, with the chunk size of its in-context-learning evaluation: chunks of 2 tokens
-(`--chunk-size`; its language-modeling runs use 4), retrieved by their mean key, top-16 chunks per token and head,
-queried by the memory layer's own query projection, keys cached before the rotation, a 65,536-token bank per row.
+(`--chunk-size`; its language-modeling runs use 4), retrieved by their mean key, 64 key/value pairs per token and
+head (`--retrieved-pairs`: the official code's k = 64 retrieves k // chunk size chunks, 16 of 4 in its training runs
+and 32 of 2 in its in-context-learning evaluation), queried by the memory layer's own query projection, keys cached before the rotation, a 65,536-token bank per row.
 A fact ("key value") then fills one chunk; with chunks of 4 it shares its chunk's mean key with another pair, and
 even a query trained directly on the retrieval (a softmax over all chunks, the fact's chunk as target, 1,024
 training documents) reaches a hit rate of only 82% at 32k with chunks of 4, against 94.5% with chunks of 2.
@@ -82,7 +83,7 @@ def median_seconds(fn, repeats: int) -> float:
 # ---------------------------------------------------------------------------------------------------- recall
 TASK = RecallTask(num_distractors=128, num_keys=128, num_values=32, num_facts=8, num_questions=4)
 MEMORIZE_SEGMENT, FACT_REGION = 64, 64
-READING_CHUNKS = 16  # the reading stage's banks hold at most this many chunks: the top-16 retrieval returns all
+READING_CHUNKS = 16  # the reading stage's banks hold at most this many chunks: a retrieval of 16+ returns all
 
 
 def skip_bigram_batch(generator: torch.Generator, batch: int, length: int = 32):
@@ -182,7 +183,7 @@ def reading_distractor_tokens(chunk_size: int) -> int:
 
 def adaptation_batch(generator: torch.Generator, batch: int, distance: int, chunk_size: int):
     """One step's documents. Distance 0 is the reading stage: the 8 facts fill a 16-token region followed by a few
-    distractor tokens, so a row's bank holds at most 16 chunks and the top-16 retrieval returns all of them (the
+    distractor tokens, so a row's bank holds at most 16 chunks and the retrieval returns all of them (the
     answer is always among the retrieved pairs, every question trains the reading). Otherwise the facts are
     `distance`–`2·distance` tokens before the questions (drawn per step), in a bank of far more than 16 chunks."""
     if distance == 0:
@@ -208,7 +209,7 @@ def adapt(lm: LongMemForCausalLM, stages: list[tuple[int, int]], args) -> None:
         # retrieved whole anyway.
         lm.config.topk_chunks = args.train_topk_chunks if distance > 0 else evaluation_topk
         if distance > 0 and args.freeze_query_after_reading:
-            # Beyond 16 chunks the answer loss reaches the query only through the retrieved pairs, and in the
+            # On larger banks the answer loss reaches the query only through the retrieved pairs, and in the
             # prototypes its gradient lowered the hit rate (see the results' notes): keep the query the reading stage
             # learned, and train the rest of the SideNet (read-out, gate) on banks of realistic size.
             memory_layer.norm1.requires_grad_(False)
@@ -235,8 +236,12 @@ def recall_part(args) -> None:
     part_start = start = time.perf_counter()
     backbone, in_context = pretrain_backbone(args)
     pretrain_seconds = time.perf_counter() - start
+    topk_chunks = args.retrieved_pairs // args.chunk_size
+    if topk_chunks < READING_CHUNKS:
+        raise ValueError(f"--retrieved-pairs {args.retrieved_pairs} gives {topk_chunks} chunks of {args.chunk_size}; "
+                         f"the reading stage needs at least {READING_CHUNKS} to retrieve its whole bank.")
     lm = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(memory_size=65536, chunk_size=args.chunk_size,
-                                                                  topk_chunks=16, gate_init=args.gate_init))
+                                                                  topk_chunks=topk_chunks, gate_init=args.gate_init))
     stages = [(0, args.reading_steps)] * (args.reading_steps > 0) + [(d, args.stage_steps) for d in args.curriculum]
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     start = time.perf_counter()
@@ -256,7 +261,8 @@ def recall_part(args) -> None:
          f"tokens: bank ≤ {READING_CHUNKS} chunks, all retrieved)"] * (args.reading_steps > 0)
         + [f"{args.stage_steps} steps with facts {d:,}–{2 * d + FACT_REGION:,} tokens back" for d in args.curriculum])
     if args.curriculum:
-        curriculum += f" (top-{args.train_topk_chunks} chunks retrieved while training on these, top-16 at evaluation)"
+        curriculum += (f" (top-{args.train_topk_chunks} chunks retrieved while training on these, top-{topk_chunks} "
+                       "at evaluation)")
     if args.freeze_query_after_reading and args.curriculum:
         curriculum += " (memory layer's query projection and its norm frozen after the reading stage)"
     print("\n## Long-range recall (facts far outside the local window)\n")
@@ -270,7 +276,8 @@ def recall_part(args) -> None:
     print(f"reading check: with only the 8 facts in the bank (retrieval cannot miss), accuracy {facts_only:.1%}")
     print(f"chance: {TASK.chance:.1%} (uniform over {TASK.num_values} values); the questions are read as one "
           f"{TASK.question_length}-token segment (the local window); the context was memorized in "
-          f"{MEMORIZE_SEGMENT}-token segments; bank 65,536 tokens per row, chunks of {args.chunk_size}, top-16 chunks\n")
+          f"{MEMORIZE_SEGMENT}-token segments; bank 65,536 tokens per row, chunks of {args.chunk_size}, top-{topk_chunks} chunks ({args.retrieved_pairs} key/value "
+          "pairs) per token and head\n")
     print("| facts this many tokens before the questions | LongMem with memory | memory off | bare backbone "
           "| answer among the retrieved pairs (any head) |")
     print("|---|---|---|---|---|")
@@ -427,6 +434,9 @@ def main() -> None:
                         help="distances of the stages after the reading stage (facts d–2d tokens back)")
     parser.add_argument("--stage-steps", type=int, default=150)
     parser.add_argument("--chunk-size", type=int, default=2, help="the recall part's LongMem chunk size")
+    parser.add_argument("--retrieved-pairs", type=int, default=64,
+                        help="key/value pairs retrieved per token and head at evaluation (the official k): "
+                             "k // chunk size chunks")
     parser.add_argument("--train-topk-chunks", type=int, default=256,
                         help="chunks retrieved per token and head in the stages after the reading stage")
     parser.add_argument("--freeze-query-after-reading", action=argparse.BooleanOptionalAction, default=False)

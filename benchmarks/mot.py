@@ -5,9 +5,11 @@ optimizer step grows with MoT's K× parameters; gradients are zeroed in place, s
 after one warm-up, of MoT with 2 and 3 modalities as a ratio to the dense Llama of the same shape (hidden 512,
 seq 1024), at 1 and at 4 sequences per step (--batches); the models take turns step by step, so machine drift
 hits every model alike, in an order flipped every step. For contrast, a naive MoT that runs every tower on
-every token and keeps each token's own result. MoT runs Q/K/V and gate/up as one matmul per tower (Llama runs
-them separately): the K=1 row shows what that fusion alone is worth, so the K=2 and K=3 rows can be read net
-of it.
+every token and keeps each token's own result. MoT runs its projections as Llama does, one matmul each (per
+tower); the K=1 row, with no routing at all, shows the size of the machine's noise. Under each table, the floor that any MoT running one matmul per modality pays on this machine before
+routing costs anything: the layers' projection matmuls (forward and both backward products) on the tokens split
+by modality, timed against the same matmuls on all tokens at once, plus the optimizer step and gradient zeroing
+on K× parameters (both measured in the table's run).
 
 Part 2, quality: dense and MoT (2 modalities: text bytes of gensim's news and Wikipedia paragraphs and 8×8 digit
 images, `peft_ext.models.mot.corpus`; the default 600 steps read 57% of the training blocks once, as the paper's
@@ -112,6 +114,8 @@ def run_speed(args, batch: int) -> None:
     modeling_mot.ModalityRouter = models["dense"][2]
     dense_s = statistics.median(times["dense"])
     dense_fb = statistics.median(fwd_bwd["dense"])
+    split_matmuls = projection_matmul_seconds(
+        dense_cfg, {k: models[f"MoT K={k}"][1] for k in (1, 2, 3)}, repeats=args.floor_repeats)
     print(f"\n## Speed: hidden {args.hidden}, {args.layers} layers, batch {batch} × seq {args.seq}, CPU, "
           f"{torch.get_num_threads()} threads, median of {args.steps} train steps\n")
     print("| model | non-embedding params | step s | step / dense | forward+backward / dense |")
@@ -121,6 +125,46 @@ def run_speed(args, batch: int) -> None:
         s = statistics.median(times[name])
         fb = statistics.median(fwd_bwd[name])
         print(f"| {name} | {params / 1e6:.1f}M | {s:.2f} | {s / dense_s:.3f} | {fb / dense_fb:.3f} |")
+    print("\n| floor (no routing cost) | projection matmuls split by modality / on all tokens | extra optimizer step "
+          "and zeroing, ms | floor of step / dense |")
+    print("|---|---|---|---|")
+    dense_optimizer = dense_s - dense_fb
+    for k in (2, 3):
+        name = f"MoT K={k}"
+        extra_matmul = args.layers * (split_matmuls[k] - split_matmuls[1])
+        extra_optimizer = statistics.median(times[name]) - statistics.median(fwd_bwd[name]) - dense_optimizer
+        print(f"| {name} | {split_matmuls[k] / split_matmuls[1]:.3f} | {1e3 * extra_optimizer:.0f} | "
+              f"{1 + (extra_matmul + extra_optimizer) / dense_s:.3f} |")
+
+
+def projection_matmul_seconds(config: LlamaConfig, modality_ids: dict[int, torch.Tensor], repeats: int) -> dict:
+    """Median seconds of one layer's projection matmuls, forward (x Wᵀ) and backward (g W, gᵀ x), with the rows split
+    into one matmul per modality as `modality_ids[k]` splits them (k=1: all tokens in one matmul), for MoT's fused
+    shapes: Q/K/V, gate/up, O and down. The splits take turns, in an order flipped every repeat."""
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    shapes = [(config.hidden_size, q_size + 2 * kv_size), (config.hidden_size, 2 * config.intermediate_size),
+              (q_size, config.hidden_size), (config.intermediate_size, config.hidden_size)]
+    work = {}
+    for k, ids in modality_ids.items():
+        rows = [count for count in torch.bincount(ids.reshape(-1), minlength=k).tolist() if count]
+        # One weight per modality, as MoT's towers have: K× the weights to read, like the model.
+        work[k] = [([torch.randn(r, i) for r in rows], [torch.randn(o, i) for _ in rows], [torch.randn(r, o) for r in rows])
+                   for i, o in shapes]
+
+    def layer(k: int) -> None:
+        for xs, weights, grads in work[k]:
+            for x, weight, grad in zip(xs, weights, grads):
+                x @ weight.t(), grad @ weight, grad.t() @ x
+
+    seconds = {k: [] for k in work}
+    for repeat in range(repeats + 1):
+        for k in list(work) if repeat % 2 else list(work)[::-1]:
+            start = time.perf_counter()
+            layer(k)
+            if repeat:
+                seconds[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in seconds.items()}
 
 
 def run_quality(args) -> None:
@@ -197,6 +241,8 @@ def main() -> None:
                              "weights read, gradients and optimizer state), so its share falls as tokens per step grow")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--floor-repeats", type=int, default=15,
+                        help="timings of one layer's projection matmuls per split, for the floor under each table")
     parser.add_argument("--quality-hidden", type=int, default=128)
     parser.add_argument("--quality-layers", type=int, default=4)
     parser.add_argument("--quality-seq", type=int, default=256)

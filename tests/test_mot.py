@@ -231,36 +231,25 @@ def test_each_tower_runs_once_per_layer_on_its_tokens_only():
         assert rows == expected_rows[modality], key
 
 
-def test_fused_projections_run_four_matmuls_per_tower_and_equal_the_module_forwards():
-    """Q/K/V and gate/up run as one matmul per tower (4 per tower and layer with O and down, plus the head), and
-    give what the modules' own forwards give (forced here by a hook, which disables the fusion)."""
+def test_each_projection_runs_one_matmul_per_tower():
+    """Every projection runs one matmul per tower, on that tower's tokens only (7 per tower and layer: Q, K, V, O,
+    gate, up, down; plus the head), as Llama runs them: no concatenated weights, no split outputs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMatmuls(TorchDispatchMode):
-        count = 0
+        rows: list[int] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                CountMatmuls.count += 1
+                CountMatmuls.rows.append(args[-2].shape[0])
             return func(*args, **(kwargs or {}))
 
     model = tiny_mot(num_modalities=3, modality_vocab_ranges=None).train()
     input_ids, modality_ids = torch.randint(0, 100, (2, 8)), random_mix(3, (2, 8), seed=3)
     with CountMatmuls():
-        fused_logits = model(input_ids, modality_ids=modality_ids).logits
-    assert CountMatmuls.count == 2 * 3 * 4 + 1  # layers × towers × (QKV, O, gate-up, down) + lm_head
-    fused_logits.square().mean().backward()
-    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-
-    handles = [m.register_forward_hook(lambda *args: None) for m in model.modules() if isinstance(m, nn.Linear)]
-    logits = model(input_ids, modality_ids=modality_ids).logits
-    logits.square().mean().backward()
-    for handle in handles:
-        handle.remove()
-    torch.testing.assert_close(fused_logits, logits, rtol=0, atol=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+        model(input_ids, modality_ids=modality_ids)
+    counts = torch.bincount(modality_ids.flatten(), minlength=3).tolist()
+    assert sorted(CountMatmuls.rows) == sorted([n for n in counts for _ in range(2 * 7)] + [16])
 
 
 def test_router_groups_and_restores_the_order():

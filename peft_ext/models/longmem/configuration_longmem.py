@@ -37,7 +37,8 @@ class LongMemConfig(PretrainedConfig):
         memory_size (`int`, defaults to 65536):
             Capacity of each stream's bank in tokens, a multiple of `chunk_size`; FIFO beyond it.
         topk_chunks (`int`, defaults to 16):
-            Chunks retrieved per token and head (paper: 16, i.e. 64 key/value pairs at `chunk_size=4`).
+            Chunks retrieved per token and head (paper: 16, i.e. 64 key/value pairs at `chunk_size=4`; the official
+            code fixes the pairs, k = 64, so its in-context-learning evaluation with chunks of 2 retrieves 32).
         retrieval_backend (`str`, defaults to `"torch"`):
             One of `"torch"` (exact), `"faiss-flat"` (exact), `"faiss-ivf"`, `"faiss-hnsw"` (approximate).
         faiss_nlist (`int`, defaults to 0):

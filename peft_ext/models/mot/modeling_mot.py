@@ -13,8 +13,8 @@ Routing without wasted compute: `ModalityRouter` sorts the tokens by modality on
 argsort), so that the tokens of each modality form one block; every per-modality module
 (`ModalityModuleList`) then runs one matmul on its block only. A layer gathers its input into per-modality
 blocks once and stays in them through the norms, projections, residuals and FFN; only the attention core
-(which mixes all tokens) runs in sequence order, so Q, K, V (side by side, one tensor) are scattered back
-(`index_copy_` into a preallocated tensor) and the attention output is gathered again. With a single modality
+(which mixes all tokens) runs in sequence order, so Q, K and V are scattered back (`index_copy_` into a
+preallocated tensor) and the attention output is gathered again. With a single modality
 present, the order is the identity and nothing moves at all. Untied modules never concatenate; a tied (shared)
 module concatenates the blocks to run once on all tokens.
 
@@ -143,34 +143,6 @@ class ModalityModuleList(nn.ModuleList):
         return apply_towers(list(self), blocks)
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    # Only a bare, hook-free, bias-free nn.Linear may be replaced by a matmul with its weight: a projection wrapped
-    # by an adapter (LoRA), quantized or hooked must run its own forward.
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks)
-
-
-def fused_projections(projections: list[ModalityModuleList], blocks: Blocks) -> Blocks:
-    """Several projections that read the same blocks (Q, K and V) as one matmul per tower, outputs side by side.
-
-    Each tower's weights are concatenated along the output features, y = x [W_1; W_2; ...]^T, a copy that is
-    small next to the matmul; each block is then read once and the matmuls per tower drop from 7 to 4 per layer
-    (attention + FFN), which matters because every tower sees only a fraction of the tokens. The outputs stay side
-    by side, (tokens, sum of out_features), so that they go back to sequence order in one move. The parameters stay
-    where they are (`q_proj.<m>.weight`, ...), so checkpoints and `from_dense` are unchanged. Where a projection is
-    not a plain `nn.Linear`, each runs its own forward and the outputs are concatenated.
-    """
-    if not all(_is_plain_linear(tower) for projection in projections for tower in projection):
-        outputs = [projection(blocks) for projection in projections]
-        return [None if parts[0] is None else torch.cat(parts, dim=-1) for parts in zip(*outputs)]
-
-    def tower(t: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        # Concatenated when called: a tower whose modality has no token in the batch costs nothing.
-        return lambda x: F.linear(x, torch.cat([projection[t].weight for projection in projections]))
-
-    return apply_towers([tower(t) for t in range(len(projections[0]))], blocks)
-
-
 def modality_ids_from_vocab(input_ids: torch.LongTensor, config: MoTConfig) -> torch.LongTensor:
     """The modality of each token from its id and `config.modality_vocab_ranges`.
 
@@ -214,13 +186,7 @@ class MoTMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _is_plain_linear(self.gate_proj) and _is_plain_linear(self.up_proj):
-            # One matmul for both: a tower sees only its modality's tokens, so fewer, larger matmuls pay off.
-            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gate, up = F.linear(x, weight).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _towers(config: MoTConfig, untied: bool) -> int:
@@ -261,21 +227,9 @@ class MoTAttention(nn.Module):
         self.k_proj = projections(config.hidden_size, kv_size)
         self.v_proj = projections(config.hidden_size, kv_size)
         self.o_proj = projections(q_size, config.hidden_size)
-        self.qkv_sizes = [q_size, kv_size, kv_size]
         # QK-norm: an RMSNorm over each head's queries and keys, before RoPE (as in Chameleon, OLMo 2, Qwen3).
         self.q_norm = _norms(config, self.head_dim) if config.qk_norm else None
         self.k_norm = _norms(config, self.head_dim) if config.qk_norm else None
-
-    def _qk_norm(self, qkv: Blocks) -> Blocks:
-        """Each modality's QK-norm on its own blocks' query and key heads; the blocks stay Q, K, V side by side."""
-        parts = map_blocks(lambda block: block.split(self.qkv_sizes, dim=-1), qkv)
-
-        def heads(index: int) -> Blocks:
-            return [None if part is None else part[index].unflatten(-1, (-1, self.head_dim)) for part in parts]
-
-        queries, keys = self.q_norm(heads(0)), self.k_norm(heads(1))
-        return map_blocks(lambda q, k, part: torch.cat([q.flatten(-2), k.flatten(-2), part[2]], dim=-1),
-                          queries, keys, parts)
 
     def forward(
         self,
@@ -286,15 +240,14 @@ class MoTAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[Blocks, torch.Tensor | None]:
-        # Per modality: Q, K and V side by side, each tower on its own tokens; then back to sequence order in one move,
-        # (batch, seq_len, q + k + v): from here on nothing depends on modality.
-        qkv = fused_projections([self.q_proj, self.k_proj, self.v_proj], hidden_states)
-        if self.q_norm is not None:
-            qkv = self._qk_norm(qkv)
-        query_states, key_states, value_states = (
-            states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-            for states in router.combine(qkv).split(self.qkv_sizes, dim=-1)
-        )
+        def heads(projection: ModalityModuleList, norm: ModalityModuleList | None = None) -> torch.Tensor:
+            # Each tower on its own tokens (and each modality's QK-norm on its own heads), then back to sequence
+            # order, (batch, heads, seq_len, head_dim): from here on nothing depends on modality.
+            blocks = map_blocks(lambda block: block.unflatten(-1, (-1, self.head_dim)), projection(hidden_states))
+            return router.combine(blocks if norm is None else norm(blocks)).transpose(1, 2)
+
+        query_states, key_states = heads(self.q_proj, self.q_norm), heads(self.k_proj, self.k_norm)
+        value_states = heads(self.v_proj)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
