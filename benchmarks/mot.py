@@ -6,10 +6,11 @@ after one warm-up, of MoT with 2 and 3 modalities as a ratio to the dense Llama 
 seq 1024), at 1 and at 4 sequences per step (--batches); the models take turns step by step, so machine drift
 hits every model alike, in an order flipped every step. For contrast, a naive MoT that runs every tower on
 every token and keeps each token's own result. MoT runs its projections as Llama does, one matmul each (per
-tower); the K=1 row, with no routing at all, shows the size of the machine's noise. Under each table, the floor that any MoT running one matmul per modality pays on this machine before
-routing costs anything: the layers' projection matmuls (forward and both backward products) on the tokens split
-by modality, timed against the same matmuls on all tokens at once, plus the optimizer step and gradient zeroing
-on K× parameters (both measured in the table's run).
+tower); the K=1 row, with no routing at all, shows the size of the machine's noise. Under each table, the floor
+that any MoT running one matmul per modality pays on this machine before routing costs anything: the layers'
+projection matmuls (forward and both backward products) on the tokens split by modality, timed against the same
+matmuls on all tokens at once, plus the optimizer step and gradient zeroing on K× parameters (from the table's
+run).
 
 Part 2, quality: dense and MoT (2 modalities: text bytes of gensim's news and Wikipedia paragraphs and 8×8 digit
 images, `peft_ext.models.mot.corpus`; the default 600 steps read 57% of the training blocks once, as the paper's
@@ -139,18 +140,19 @@ def run_speed(args, batch: int) -> None:
 
 def projection_matmul_seconds(config: LlamaConfig, modality_ids: dict[int, torch.Tensor], repeats: int) -> dict:
     """Median seconds of one layer's projection matmuls, forward (x Wᵀ) and backward (g W, gᵀ x), with the rows split
-    into one matmul per modality as `modality_ids[k]` splits them (k=1: all tokens in one matmul), for MoT's fused
-    shapes: Q/K/V, gate/up, O and down. The splits take turns, in an order flipped every repeat."""
+    into one matmul per modality as `modality_ids[k]` splits them (k=1: all tokens in one matmul), for the shapes of
+    Q, K, V, O, gate, up and down. The splits take turns, in an order flipped every repeat."""
     q_size = config.num_attention_heads * config.head_dim
     kv_size = config.num_key_value_heads * config.head_dim
-    shapes = [(config.hidden_size, q_size + 2 * kv_size), (config.hidden_size, 2 * config.intermediate_size),
-              (q_size, config.hidden_size), (config.intermediate_size, config.hidden_size)]
+    shapes = [(config.hidden_size, q_size), (config.hidden_size, kv_size), (config.hidden_size, kv_size),
+              (q_size, config.hidden_size), (config.hidden_size, config.intermediate_size),
+              (config.hidden_size, config.intermediate_size), (config.intermediate_size, config.hidden_size)]
     work = {}
     for k, ids in modality_ids.items():
         rows = [count for count in torch.bincount(ids.reshape(-1), minlength=k).tolist() if count]
         # One weight per modality, as MoT's towers have: K× the weights to read, like the model.
-        work[k] = [([torch.randn(r, i) for r in rows], [torch.randn(o, i) for _ in rows], [torch.randn(r, o) for r in rows])
-                   for i, o in shapes]
+        work[k] = [([torch.randn(r, i) for r in rows], [torch.randn(o, i) for _ in rows],
+                    [torch.randn(r, o) for r in rows]) for i, o in shapes]
 
     def layer(k: int) -> None:
         for xs, weights, grads in work[k]:
