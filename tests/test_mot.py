@@ -579,3 +579,40 @@ def test_tied_word_embeddings():
 def test_llama_is_untouched_by_the_import():
     # Our registration must not change what "llama" maps to.
     assert type(AutoModelForCausalLM.from_config(tiny_llama().config)) is LlamaForCausalLM
+
+
+def test_lora_on_chosen_towers_trains_them_only_and_round_trips(tmp_path):
+    """PEFT LoRA on the image tower's Q and V (`tower_target_modules`): only those layers get adapters, a text-only
+    batch does not reach them, and the saved adapter reloads to the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from peft_ext.models.mot import tower_target_modules
+
+    target = tower_target_modules(["q_proj", "v_proj"], modalities=[1])
+    model = get_peft_model(tiny_mot(), LoraConfig(r=4, target_modules=target, init_lora_weights=False))
+    adapted = sorted(name.split("base_model.model.")[1] for name, module in model.named_modules()
+                     if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict))
+    assert adapted == [f"model.layers.{i}.self_attn.{p}.1" for i in range(2) for p in ("q_proj", "v_proj")]
+
+    text_only = torch.randint(0, 100, (2, 8))
+    # Text tokens never pass an adapted layer: the loss does not depend on any trainable parameter.
+    assert not model(text_only, modality_ids=torch.zeros_like(text_only), labels=text_only).loss.requires_grad
+    mixed = random_mix(2)
+    model(text_only, modality_ids=mixed, labels=text_only).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+    model.eval()
+    expected = model(text_only, modality_ids=mixed).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_mot(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(text_only, modality_ids=mixed).logits, expected, rtol=0, atol=0)
+    assert not torch.allclose(tiny_mot()(text_only, modality_ids=mixed).logits, expected)
+
+
+def test_tower_target_modules_refuses_unknown_names():
+    from peft_ext.models.mot import tower_target_modules
+
+    with pytest.raises(ValueError, match=r"`names` must be a non-empty list of \('q_proj'.*got \['qproj'\]"):
+        tower_target_modules(["qproj"])
+    with pytest.raises(ValueError, match=r"`modalities` must be None .* got \[-1\]"):
+        tower_target_modules(["q_proj"], modalities=[-1])

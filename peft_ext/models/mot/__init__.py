@@ -11,6 +11,7 @@ from .modeling_mot import (
     MoTForCausalLM,
     MoTModel,
     MoTPreTrainedModel,
+    tower_target_modules,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "MoTForCausalLM",
     "MoTModel",
     "MoTPreTrainedModel",
+    "tower_target_modules",
 ]
 
 register_auto_classes("mot", MoTConfig, {"AutoModel": MoTModel, "AutoModelForCausalLM": MoTForCausalLM})

@@ -143,6 +143,28 @@ class ModalityModuleList(nn.ModuleList):
         return apply_towers(list(self), blocks)
 
 
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tower_target_modules(names: list[str], modalities: list[int] | None = None) -> str:
+    """PEFT `target_modules` (a regex) for the towers of the named projections, e.g. LoRA on Q and V of every tower.
+
+    `LoraConfig(target_modules=["q_proj", "v_proj"])` matches the `ModalityModuleList` named `q_proj`, which is not
+    a layer PEFT can adapt; the layers are its towers, `q_proj.<modality>`. `modalities` picks towers (e.g. `[1]`:
+    only the image tower of a text/image model); default all. A tied module has the single tower 0.
+
+        get_peft_model(mot, LoraConfig(target_modules=tower_target_modules(["q_proj", "v_proj"])))
+    """
+    unknown = [name for name in names if name not in PROJECTION_NAMES]
+    if not names or unknown:
+        raise ValueError(f"`names` must be a non-empty list of {PROJECTION_NAMES}, got {names}.")
+    if modalities is not None and (not modalities or any(not isinstance(m, int) or m < 0 for m in modalities)):
+        raise ValueError(f"`modalities` must be None (all towers) or a non-empty list of tower indices >= 0, "
+                         f"got {modalities}.")
+    towers = r"\d+" if modalities is None else "|".join(str(m) for m in modalities)
+    return rf".*\.({'|'.join(names)})\.({towers})"
+
+
 def modality_ids_from_vocab(input_ids: torch.LongTensor, config: MoTConfig) -> torch.LongTensor:
     """The modality of each token from its id and `config.modality_vocab_ranges`.
 
@@ -796,4 +818,5 @@ __all__ = [
     "MoTModel",
     "MoTPreTrainedModel",
     "modality_ids_from_vocab",
+    "tower_target_modules",
 ]
