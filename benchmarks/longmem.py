@@ -16,13 +16,13 @@ segments) and the question segment, the only one with labels, is trained on. The
 of the bank, which departs from the paper's single pass over a corpus:
   1. reading stage (`--reading-steps`, 300): the facts followed by a few distractor tokens, so that a bank holds at
      most 16 chunks and the retrieval returns all of them: every question trains the read-out;
-  2. stages of `--stage-steps` (150) with facts d to 2d+64 tokens back for d in `--curriculum` (64, 256, 1024),
-     retrieving the top `--train-topk-chunks` (256) chunks per token and head while training, 32 at evaluation.
-     With 16, a question whose fact chunk is not retrieved gives its query no gradient, and in the prototypes the
-     answer loss then lowered the hit rate (results_longmem_run1.md); with 256 the fact's chunk is almost always
-     among the retrieved ones, and the answer loss contrasts it with the 255 most similar distractor chunks.
-     (`--freeze-query-after-reading --train-topk-chunks 16 --chunk-size 4` is run 1's recipe: the query frozen
-     after the reading stage instead.)
+  2. stages with facts d to 2d+64 tokens back for d in `--curriculum` (64, 256, 1024), of `--stage-steps` (150,
+     300, 450) steps, retrieving the top `--train-topk-chunks` (256) chunks per token and head while training, 64
+     at evaluation. With 16, a question whose fact is not retrieved gives its query no gradient, and in the
+     prototypes the answer loss then lowered the hit rate (results_longmem_run1.md); with 256 the fact is almost
+     always among the retrieved ones, and the answer loss contrasts it with the 255 most similar distractors.
+     (`--freeze-query-after-reading --train-topk-chunks 16 --chunk-size 4 --stage-steps 150` is run 1's recipe:
+     the query frozen after the reading stage instead.)
 AdamW lr 3e-3, batches of 8 documents, gate logit initialized at 0 (σ(g) = ½, as in the official code). Evaluation
 on unseen documents with facts 4k, 8k, 16k and 32k tokens back (never seen in training); the local window is the
 8-token question segment:
@@ -30,13 +30,16 @@ on unseen documents with facts 4k, 8k, 16k and 32k tokens back (never seen in tr
   - the same model with memory switched off (`use_memory=False`);
   - the bare backbone on the question segment;
   - the retrieval's own hit rate (is the answer among the pairs retrieved for the question's key?).
-The LongMem settings are the paper's, with the chunk size of its in-context-learning evaluation: chunks of 2 tokens
-(`--chunk-size`; its language-modeling runs use 4), retrieved by their mean key, 64 key/value pairs per token and
-head (`--retrieved-pairs`: the official code's k = 64 retrieves k // chunk size chunks, 16 of 4 in its training runs
-and 32 of 2 in its in-context-learning evaluation), queried by the memory layer's own query projection, keys cached before the rotation, a 65,536-token bank per row.
-A fact ("key value") then fills one chunk; with chunks of 4 it shares its chunk's mean key with another pair, and
-even a query trained directly on the retrieval (a softmax over all chunks, the fact's chunk as target, 1,024
-training documents) reaches a hit rate of only 82% at 32k with chunks of 4, against 94.5% with chunks of 2.
+The LongMem settings are the paper's (64 key/value pairs per token and head, retrieved by their mean key and queried
+by the memory layer's own query projection, keys cached before the rotation, a 65,536-token bank per row), except
+the chunk size: **chunks of 1 token** (`--chunk-size`; the paper's language-modeling runs use 4 and its
+in-context-learning evaluation 2), so retrieval ranks single tokens, as kNN-LM and Memorizing Transformers do. The
+official code's k = 64 retrieves k // chunk size chunks (16 of 4, 32 of 2, 64 of 1; `--retrieved-pairs`). Why:
+the answer loss pulls the query towards the key of the fact's *value* token (whose value carries the answer) and
+away from the fact's key token, so with chunks of 2 the chunk mean that retrieval ranks by, half of it the key
+token's key, trains against the reading; with chunks of 1 the ranking score and the attention score are the same
+q·k. Measured (results_longmem_run4.md): with chunks of 2 the answer is among the retrieved pairs for 85% of the
+questions at 4k and 61% at 32k, with chunks of 1 for about 95% and 89%.
 
 Part 2, speed (`--part speed`): a SmolLM2-135M-shaped Llama (random weights: speed does not depend on them), 1k-token
 segments; tokens/s of LongMem streaming segments into a 65,536-token bank (filled to capacity with random keys and
@@ -237,12 +240,9 @@ def recall_part(args) -> None:
     backbone, in_context = pretrain_backbone(args)
     pretrain_seconds = time.perf_counter() - start
     topk_chunks = args.retrieved_pairs // args.chunk_size
-    if topk_chunks < READING_CHUNKS:
-        raise ValueError(f"--retrieved-pairs {args.retrieved_pairs} gives {topk_chunks} chunks of {args.chunk_size}; "
-                         f"the reading stage needs at least {READING_CHUNKS} to retrieve its whole bank.")
     lm = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(memory_size=65536, chunk_size=args.chunk_size,
                                                                   topk_chunks=topk_chunks, gate_init=args.gate_init))
-    stages = [(0, args.reading_steps)] * (args.reading_steps > 0) + [(d, args.stage_steps) for d in args.curriculum]
+    stages = [(0, args.reading_steps)] * (args.reading_steps > 0) + list(zip(args.curriculum, args.stage_steps))
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     start = time.perf_counter()
     adapt(lm, stages, args)
@@ -259,7 +259,8 @@ def recall_part(args) -> None:
     curriculum = ", then ".join(
         [f"{args.reading_steps} reading steps (facts + 0–{reading_distractor_tokens(args.chunk_size)} distractor "
          f"tokens: bank ≤ {READING_CHUNKS} chunks, all retrieved)"] * (args.reading_steps > 0)
-        + [f"{args.stage_steps} steps with facts {d:,}–{2 * d + FACT_REGION:,} tokens back" for d in args.curriculum])
+        + [f"{n} steps with facts {d:,}–{2 * d + FACT_REGION:,} tokens back" for d, n in zip(args.curriculum,
+                                                                                           args.stage_steps)])
     if args.curriculum:
         curriculum += (f" (top-{args.train_topk_chunks} chunks retrieved while training on these, top-{topk_chunks} "
                        "at evaluation)")
@@ -432,8 +433,9 @@ def main() -> None:
     parser.add_argument("--reading-steps", type=int, default=300)
     parser.add_argument("--curriculum", type=int, nargs="*", default=[64, 256, 1024],
                         help="distances of the stages after the reading stage (facts d–2d tokens back)")
-    parser.add_argument("--stage-steps", type=int, default=150)
-    parser.add_argument("--chunk-size", type=int, default=2, help="the recall part's LongMem chunk size")
+    parser.add_argument("--stage-steps", type=int, nargs="+", default=[150, 300, 450],
+                        help="steps of each curriculum stage (one value: every stage)")
+    parser.add_argument("--chunk-size", type=int, default=1, help="the recall part's LongMem chunk size")
     parser.add_argument("--retrieved-pairs", type=int, default=64,
                         help="key/value pairs retrieved per token and head at evaluation (the official k): "
                              "k // chunk size chunks")
@@ -450,6 +452,15 @@ def main() -> None:
     parser.add_argument("--retrieval-repeats", type=int, default=3)
     parser.add_argument("--bank-tokens", type=int, nargs="+", default=[16384, 65536, 262144, 1048576])
     args = parser.parse_args()
+    # Checked before any work: the recall part pretrains for minutes before it builds the LongMem model.
+    if len(args.stage_steps) == 1:
+        args.stage_steps = args.stage_steps * len(args.curriculum)
+    if len(args.stage_steps) != len(args.curriculum):
+        parser.error(f"--stage-steps takes one value or one per --curriculum stage ({len(args.curriculum)}), got "
+                     f"{args.stage_steps}")
+    if args.retrieved_pairs // args.chunk_size < READING_CHUNKS:
+        parser.error(f"--retrieved-pairs {args.retrieved_pairs} gives {args.retrieved_pairs // args.chunk_size} chunks "
+                     f"of {args.chunk_size}; the reading stage needs at least {READING_CHUNKS} to retrieve its bank")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     if args.part in ("all", "recall"):
