@@ -277,8 +277,8 @@ def recall_part(args) -> None:
     print(f"reading check: with only the 8 facts in the bank (retrieval cannot miss), accuracy {facts_only:.1%}")
     print(f"chance: {TASK.chance:.1%} (uniform over {TASK.num_values} values); the questions are read as one "
           f"{TASK.question_length}-token segment (the local window); the context was memorized in "
-          f"{MEMORIZE_SEGMENT}-token segments; bank 65,536 tokens per row, chunks of {args.chunk_size}, top-{topk_chunks} chunks ({args.retrieved_pairs} key/value "
-          "pairs) per token and head\n")
+          f"{MEMORIZE_SEGMENT}-token segments; bank 65,536 tokens per row, chunks of {args.chunk_size}, "
+          f"top-{topk_chunks} chunks ({args.retrieved_pairs} key/value pairs) per token and head\n")
     print("| facts this many tokens before the questions | LongMem with memory | memory off | bare backbone "
           "| answer among the retrieved pairs (any head) |")
     print("|---|---|---|---|---|")

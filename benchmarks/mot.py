@@ -44,7 +44,8 @@ from peft_ext.models.mot.corpus import (
 
 
 class NaiveAllTowersRouter(modeling_mot.ModalityRouter):
-    """The contrast: every tower computes on every token, then each token keeps its own tower's output."""
+    """The contrast: every tower computes on every token, then each token keeps its own tower's output (also the
+    reference the routed model is tested against, tests/test_mot.py)."""
 
     def __init__(self, modality_ids, num_modalities):
         super().__init__(modality_ids, num_modalities)
@@ -116,7 +117,7 @@ def run_speed(args, batch: int) -> None:
     dense_s = statistics.median(times["dense"])
     dense_fb = statistics.median(fwd_bwd["dense"])
     split_matmuls = projection_matmul_seconds(
-        dense_cfg, {k: models[f"MoT K={k}"][1] for k in (1, 2, 3)}, repeats=args.floor_repeats)
+        dense.model.layers[0], {k: models[f"MoT K={k}"][1] for k in (1, 2, 3)}, repeats=args.floor_repeats)
     print(f"\n## Speed: hidden {args.hidden}, {args.layers} layers, batch {batch} × seq {args.seq}, CPU, "
           f"{torch.get_num_threads()} threads, median of {args.steps} train steps\n")
     print("| model | non-embedding params | step s | step / dense | forward+backward / dense |")
@@ -138,15 +139,11 @@ def run_speed(args, batch: int) -> None:
               f"{1 + (extra_matmul + extra_optimizer) / dense_s:.3f} |")
 
 
-def projection_matmul_seconds(config: LlamaConfig, modality_ids: dict[int, torch.Tensor], repeats: int) -> dict:
-    """Median seconds of one layer's projection matmuls, forward (x Wᵀ) and backward (g W, gᵀ x), with the rows split
-    into one matmul per modality as `modality_ids[k]` splits them (k=1: all tokens in one matmul), for the shapes of
-    Q, K, V, O, gate, up and down. The splits take turns, in an order flipped every repeat."""
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    shapes = [(config.hidden_size, q_size), (config.hidden_size, kv_size), (config.hidden_size, kv_size),
-              (q_size, config.hidden_size), (config.hidden_size, config.intermediate_size),
-              (config.hidden_size, config.intermediate_size), (config.intermediate_size, config.hidden_size)]
+def projection_matmul_seconds(layer: torch.nn.Module, modality_ids: dict[int, torch.Tensor], repeats: int) -> dict:
+    """Median seconds of the projection matmuls of `layer` (Q, K, V, O, gate, up, down of a dense decoder layer),
+    forward (x Wᵀ) and backward (g W, gᵀ x), with the rows split into one matmul per modality as `modality_ids[k]`
+    splits them (k=1: all tokens in one matmul). The splits take turns, in an order flipped every repeat."""
+    shapes = [(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     work = {}
     for k, ids in modality_ids.items():
         rows = [count for count in torch.bincount(ids.reshape(-1), minlength=k).tolist() if count]
@@ -154,7 +151,7 @@ def projection_matmul_seconds(config: LlamaConfig, modality_ids: dict[int, torch
         work[k] = [([torch.randn(r, i) for r in rows], [torch.randn(o, i) for _ in rows],
                     [torch.randn(r, o) for r in rows]) for i, o in shapes]
 
-    def layer(k: int) -> None:
+    def run_split(k: int) -> None:
         for xs, weights, grads in work[k]:
             for x, weight, grad in zip(xs, weights, grads):
                 x @ weight.t(), grad @ weight, grad.t() @ x
@@ -163,7 +160,7 @@ def projection_matmul_seconds(config: LlamaConfig, modality_ids: dict[int, torch
     for repeat in range(repeats + 1):
         for k in list(work) if repeat % 2 else list(work)[::-1]:
             start = time.perf_counter()
-            layer(k)
+            run_split(k)
             if repeat:
                 seconds[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in seconds.items()}

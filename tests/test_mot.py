@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import load_benchmark, tiny_llama
 from huggingface_hub import ModelCard
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -266,20 +266,6 @@ def test_router_groups_and_restores_the_order():
     assert blocks[1].data_ptr() == x.data_ptr() and single.combine(blocks).data_ptr() == x.data_ptr()  # nothing moves
 
 
-class EveryTowerOnEveryToken(peft_ext.models.mot.ModalityRouter):
-    """The reference for the routing: every tower computes on all tokens, and each token then keeps the output of
-    its own modality's tower (K times the compute, no grouping)."""
-
-    def dispatch(self, x):
-        tokens = x.reshape(self.num_tokens, *x.shape[2:])
-        return [tokens] * self.num_modalities
-
-    def combine(self, blocks):
-        modality = self.modality_ids.reshape(-1)
-        own = torch.stack(blocks)[modality, torch.arange(self.num_tokens)]
-        return own.reshape(*self.batch_shape, *own.shape[1:])
-
-
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qk_norm": True, "norm_placement": "post_branch"}])
 def test_routed_model_equals_every_tower_on_every_token(overrides, monkeypatch):
     model = tiny_mot(num_modalities=3, modality_vocab_ranges=None, **overrides).train()
@@ -293,12 +279,8 @@ def test_routed_model_equals_every_tower_on_every_token(overrides, monkeypatch):
     routed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    def reference_router(ids, num_modalities):
-        router = EveryTowerOnEveryToken(ids, num_modalities)
-        router.modality_ids = ids
-        return router
-
-    monkeypatch.setattr(peft_ext.models.mot.modeling_mot, "ModalityRouter", reference_router)
+    # The reference: every tower on every token, each token keeping its own tower's output (the benchmark's naive MoT).
+    monkeypatch.setattr(peft_ext.models.mot.modeling_mot, "ModalityRouter", load_benchmark("mot").NaiveAllTowersRouter)
     reference = model(input_ids, modality_ids=modality_ids)
     reference.logits.square().mean().backward()
     torch.testing.assert_close(routed.logits, reference.logits, rtol=0, atol=1e-6)

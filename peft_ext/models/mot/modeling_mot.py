@@ -14,9 +14,9 @@ argsort), so that the tokens of each modality form one block; every per-modality
 (`ModalityModuleList`) then runs one matmul on its block only. A layer gathers its input into per-modality
 blocks once and stays in them through the norms, projections, residuals and FFN; only the attention core
 (which mixes all tokens) runs in sequence order, so Q, K and V are scattered back (`index_copy_` into a
-preallocated tensor) and the attention output is gathered again. With a single modality
-present, the order is the identity and nothing moves at all. Untied modules never concatenate; a tied (shared)
-module concatenates the blocks to run once on all tokens.
+preallocated tensor) and the attention output is gathered again. With a single modality present, the order is
+the identity and nothing moves at all. Untied modules never concatenate; a tied (shared) module concatenates
+the blocks to run once on all tokens.
 
 This file is copied next to the weights by `save_pretrained` (for `trust_remote_code=True`), so it imports only
 torch, transformers and its sibling `configuration_mot.py`; peft-ext's model-card helpers are imported lazily,
