@@ -1,12 +1,13 @@
 """LongMem: config validation, memory bank exactness and bad inputs, the SideNet's equations, generation with a KV
 cache, training that leaves the backbone untouched, and save/load (local folders and the local Hub)."""
 
+import itertools
 import math
 import os
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import load_benchmark, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from peft_ext.models.longmem import LongMemConfig, LongMemForCausalLM, MemoryBank, MemoryBankSpec
@@ -392,6 +393,33 @@ def test_recall_task_puts_facts_far_before_the_questions():
     with pytest.raises(ValueError, match="cannot hold 4 two-token facts"):
         task.long_range_batch(torch.Generator(), 1, distance=10, fact_region=6)
 
+
+
+def test_recall_benchmark_probe_ranks_the_bank_as_its_search_does():
+    """The recall benchmark's probe scores every chunk of the bank itself (a softmax over all of them); its top-1
+    per head must be the chunk that `MemoryBank.search` ranks first, and its answer slots the facts' value tokens."""
+    bench = load_benchmark("longmem")
+    lm = LongMemForCausalLM.from_backbone(tiny_llama(0, vocab_size=bench.TASK.vocab_size),
+                                          LongMemConfig(memory_size=1024, chunk_size=1, topk_chunks=1))
+    context, questions, labels = bench.TASK.long_range_batch(torch.Generator().manual_seed(0), 3, 256)
+    lm.reset_memory(batch_size=3)
+    lm.memorize(context, segment_length=64, show_progress=False)
+    answers = bench.answer_slots(context, questions, chunk_size=1)
+    assert torch.equal(context.gather(1, answers), labels[:, 1::2])
+    query = bench.MemoryQuery(lm.sidenet[lm.config.sidenet_memory_layer])
+    with torch.no_grad():
+        slots, _ = lm.memory.search(bench.question_queries(query, lm, questions), 1)
+        searched_first = bench.per_head(slots, lm)[..., 0]  # (batch, heads, questions)
+        log_probs, top1 = bench.answer_log_probs(query, lm, bench.stored_chunk_keys(lm), questions, searched_first)
+    assert top1.all() and top1.shape == (3, 4, 4)
+    head_dim, group = lm.family.head_dim, lm.family.num_heads // lm.family.num_kv_heads
+    with torch.no_grad():
+        queries = query(lm.backbone.get_input_embeddings()(questions[:, 0::2]))
+    for row, head, asked in itertools.product(range(3), range(4), range(4)):  # one head's softmax at a time
+        chunk_keys = lm.memory.chunk_keys[row, head // group, :context.shape[1]]
+        scores = chunk_keys @ queries[row, asked, head * head_dim:(head + 1) * head_dim]
+        expected = scores.log_softmax(dim=0)[searched_first[row, head, asked]]
+        assert torch.allclose(log_probs[row, head, asked], expected, atol=1e-5)
 
 # ------------------------------------------------------------------------------------------------ saving
 def test_save_pretrained_stores_sidenet_and_backbone_reference_only(tmp_path):
