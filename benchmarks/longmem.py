@@ -183,13 +183,12 @@ def per_head(slots_or_scores: torch.Tensor, lm: LongMemForCausalLM) -> torch.Ten
     return slots_or_scores.reshape(batch, kv_heads * group, rows // group, n)
 
 
-def answer_retrieved(lm: LongMemForCausalLM, context: torch.Tensor, questions: torch.Tensor) -> float:
-    """Share of questions whose answer token (the fact's value in the bank) is among the chunks that at least one
-    head of the memory layer retrieves for the question's key: the retrieval's own hit rate."""
+def answer_retrieved(lm: LongMemForCausalLM, questions: torch.Tensor, answers: torch.Tensor) -> float:
+    """Share of questions whose answer chunk (`answer_slots`: the fact's value token in the bank) is among the chunks
+    that at least one head of the memory layer retrieves for the question's key: the retrieval's own hit rate."""
     query = MemoryQuery(lm.sidenet[lm.config.sidenet_memory_layer])
     with torch.no_grad():
         slots, _ = lm.memory.search(question_queries(query, lm, questions), lm.config.topk_chunks)
-    answers = answer_slots(context, questions, lm.config.chunk_size)
     return (per_head(slots, lm) == answers[:, None, :, None]).any(-1).any(1).float().mean().item()
 
 
@@ -251,8 +250,8 @@ def long_range_accuracy(lm: LongMemForCausalLM, probe: MemoryQuery, distance: in
             hits["no memory"].append(
                 answer_accuracy(lm(questions, use_memory=False, update_memory=False).logits, labels))
             hits["backbone"].append(answer_accuracy(lm.backbone(questions).logits, labels))
-            hits["retrieved"].append(answer_retrieved(lm, context, questions))
             answers = answer_slots(context, questions, lm.config.chunk_size)
+            hits["retrieved"].append(answer_retrieved(lm, questions, answers))
             _, top1 = answer_log_probs(probe, lm, stored_chunk_keys(lm), questions, answers)
             hits["probe top-1"].append(top1.any(dim=1).float().mean().item())
     return {k: statistics.mean(v) for k, v in hits.items()}

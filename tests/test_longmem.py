@@ -394,7 +394,6 @@ def test_recall_task_puts_facts_far_before_the_questions():
         task.long_range_batch(torch.Generator(), 1, distance=10, fact_region=6)
 
 
-
 def test_recall_benchmark_probe_ranks_the_bank_as_its_search_does():
     """The recall benchmark's probe scores every chunk of the bank itself (a softmax over all of them); its top-1
     per head must be the chunk that `MemoryBank.search` ranks first, and its answer slots the facts' value tokens."""
@@ -420,6 +419,7 @@ def test_recall_benchmark_probe_ranks_the_bank_as_its_search_does():
         scores = chunk_keys @ queries[row, asked, head * head_dim:(head + 1) * head_dim]
         expected = scores.log_softmax(dim=0)[searched_first[row, head, asked]]
         assert torch.allclose(log_probs[row, head, asked], expected, atol=1e-5)
+
 
 # ------------------------------------------------------------------------------------------------ saving
 def test_save_pretrained_stores_sidenet_and_backbone_reference_only(tmp_path):
