@@ -45,6 +45,8 @@ away from the fact's key token, so with chunks of 2 the chunk mean that retrieva
 token's key, trains against the reading; with chunks of 1 the ranking score and the attention score are the same
 q·k. Measured (results_longmem_run4.md): with chunks of 2 the answer is among the retrieved pairs for 85% of the
 questions at 4k and 61% at 32k, with chunks of 1 for about 95% and 89%.
+The outcome depends on the backbone's pretraining seed (`--seed`; results_longmem_run7.md): with memory, at 4k, 84.8%
+for seed 0, 31.6% for seed 1 (whose memory-layer keys separate the facts poorly) and 79.3% for seed 2.
 
 Part 2, speed (`--part speed`): a SmolLM2-135M-shaped Llama (random weights: speed does not depend on them), 1k-token
 segments; tokens/s of LongMem streaming segments into a 65,536-token bank (filled to capacity with random keys and
