@@ -168,21 +168,12 @@ class MemoryQuery(torch.nn.Module):
 
 
 def question_queries(query: MemoryQuery, lm: LongMemForCausalLM, questions: torch.Tensor) -> torch.Tensor:
-    """(batch, kv_heads, group · num_questions, head_dim): the memory queries of the questions' keys, grouped by the
-    key/value head they read, as `MemoryBank.search` takes them. The memory layer is the SideNet's first (as with
-    this script's 2-layer backbone), so its input is the embeddings."""
-    family = lm.family
+    """(batch, heads, num_questions, head_dim): the memory queries of the questions' keys, as
+    `MemoryBank.search_heads` takes them. The memory layer is the SideNet's first (as with this script's 2-layer
+    backbone), so its input is the embeddings."""
     keys = questions[:, 0::2]
-    batch, asked = keys.shape
-    queries = query(lm.backbone.get_input_embeddings()(keys)).view(batch, asked, family.num_heads, -1)
-    return queries.transpose(1, 2).reshape(batch, family.num_kv_heads, -1, family.head_dim)
-
-
-def per_head(slots_or_scores: torch.Tensor, lm: LongMemForCausalLM) -> torch.Tensor:
-    """(batch, kv_heads, group · num_questions, n) -> (batch, heads, num_questions, n)."""
-    batch, kv_heads, rows, n = slots_or_scores.shape
-    group = lm.family.num_heads // kv_heads
-    return slots_or_scores.reshape(batch, kv_heads * group, rows // group, n)
+    queries = query(lm.backbone.get_input_embeddings()(keys)).view(*keys.shape, lm.family.num_heads, -1)
+    return queries.transpose(1, 2)
 
 
 def answer_retrieved(lm: LongMemForCausalLM, questions: torch.Tensor, answers: torch.Tensor) -> float:
@@ -190,8 +181,8 @@ def answer_retrieved(lm: LongMemForCausalLM, questions: torch.Tensor, answers: t
     that at least one head of the memory layer retrieves for the question's key: the retrieval's own hit rate."""
     query = MemoryQuery(lm.sidenet[lm.config.sidenet_memory_layer])
     with torch.no_grad():
-        slots, _ = lm.memory.search(question_queries(query, lm, questions), lm.config.topk_chunks)
-    return (per_head(slots, lm) == answers[:, None, :, None]).any(-1).any(1).float().mean().item()
+        slots, _ = lm.memory.search_heads(question_queries(query, lm, questions), lm.config.topk_chunks)
+    return (slots == answers[:, None, :, None]).any(-1).any(1).float().mean().item()
 
 
 def stored_chunk_keys(lm: LongMemForCausalLM) -> torch.Tensor:
@@ -204,8 +195,11 @@ def answer_log_probs(query: MemoryQuery, lm: LongMemForCausalLM, chunk_keys: tor
     """(batch, heads, num_questions) log-probability of the answer's chunk under a softmax over every chunk in the
     bank, per head, and whether it is that head's top-1 chunk (same shape). answers: (batch, num_questions) chunk
     indices, or (batch, heads, num_questions)."""
-    scores = per_head(question_queries(query, lm, questions) @ chunk_keys.transpose(-1, -2), lm)
-    batch, heads, asked, _ = scores.shape
+    queries = question_queries(query, lm, questions)
+    batch, heads, asked, head_dim = queries.shape
+    # Query head h reads key/value head h // group, as in `MemoryBank.search_heads`: one matmul per key/value head.
+    grouped = queries.reshape(batch, chunk_keys.shape[1], -1, head_dim) @ chunk_keys.transpose(-1, -2)
+    scores = grouped.reshape(batch, heads, asked, -1)
     index = answers.reshape(batch, -1, asked, 1).expand(-1, heads, -1, -1)
     top1 = scores.argmax(dim=-1, keepdim=True) == index
     return scores.log_softmax(dim=-1).gather(-1, index).squeeze(-1), top1.squeeze(-1)

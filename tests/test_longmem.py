@@ -407,8 +407,8 @@ def test_recall_benchmark_probe_ranks_the_bank_as_its_search_does():
     assert torch.equal(context.gather(1, answers), labels[:, 1::2])
     query = bench.MemoryQuery(lm.sidenet[lm.config.sidenet_memory_layer])
     with torch.no_grad():
-        slots, _ = lm.memory.search(bench.question_queries(query, lm, questions), 1)
-        searched_first = bench.per_head(slots, lm)[..., 0]  # (batch, heads, questions)
+        slots, _ = lm.memory.search_heads(bench.question_queries(query, lm, questions), 1)
+        searched_first = slots[..., 0]  # (batch, heads, questions)
         log_probs, top1 = bench.answer_log_probs(query, lm, bench.stored_chunk_keys(lm), questions, searched_first)
     assert top1.all() and top1.shape == (3, 4, 4)
     head_dim, group = lm.family.head_dim, lm.family.num_heads // lm.family.num_kv_heads

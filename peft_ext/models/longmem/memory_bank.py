@@ -332,19 +332,25 @@ class MemoryBank:
         index.add(vectors)
         return index
 
-    def retrieve(self, queries: torch.Tensor, k: int) -> Retrieved:
-        """Token keys and values of the top-k chunks, per query token and per head.
-
-        queries: (streams, heads, tokens, head_dim) with heads a multiple of the bank's key/value heads (grouped-query
-        attention: query head h reads key/value head h // (heads / kv_heads)).
-        """
+    def search_heads(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` for the queries of every attention head: (streams, heads, tokens, head_dim) with heads a multiple
+        of the bank's key/value heads (grouped-query attention: query head h reads key/value head
+        h // (heads / kv_heads)). Returns slots and validity of shape (streams, heads, tokens, k)."""
         streams, heads, tokens, dim = queries.shape
         kv_heads = self.spec.num_kv_heads
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads evenly.")
-        group = heads // kv_heads
-        grouped = queries.reshape(streams, kv_heads, group * tokens, dim)
-        slots, valid = self.search(grouped, k)
+        slots, valid = self.search(queries.reshape(streams, kv_heads, heads // kv_heads * tokens, dim), k)
+        return slots.reshape(streams, heads, tokens, -1), valid.reshape(streams, heads, tokens, -1)
+
+    def retrieve(self, queries: torch.Tensor, k: int) -> Retrieved:
+        """Token keys and values of the top-k chunks, per query token and per head.
+
+        queries: (streams, heads, tokens, head_dim), as `search_heads` takes them.
+        """
+        streams, heads, tokens, dim = queries.shape
+        kv_heads = self.spec.num_kv_heads
+        slots, valid = self.search_heads(queries, k)
         k = slots.shape[-1]
         chunk = self.spec.chunk_size
         # Rows of (chunk * dim) numbers picked by one flat index over (stream, head, slot): the fastest gather on CPU.
